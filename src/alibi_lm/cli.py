@@ -1,0 +1,70 @@
+"""`alibi-lm`: the command line. The only module that prints errors and chooses exit codes.
+
+Each subcommand is a module in `alibi_lm.commands` that defines NAME, HELP, ORDER (its place in
+`--help`), `add_arguments(parser)` and `run(args) -> int`; they are found at start-up, and import
+their heavy dependencies inside `run`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from types import ModuleType
+
+from alibi_lm import commands
+from alibi_lm.errors import UserError
+
+__all__ = ["build_parser", "main"]
+
+DESCRIPTION = """\
+ALiBi language models: train short, test long.
+
+Typical session:
+  alibi-lm demo                                   train ALiBi and sinusoidal, show extrapolation
+  alibi-lm prepare wikitext-2 -o data/wt2 --tokenizer word
+  alibi-lm train --config configs/small.toml --set data.path=data/wt2
+  alibi-lm evaluate runs/small --lengths 512,1024,2048
+  alibi-lm plot runs/small/eval.json -o ppl.png
+  alibi-lm generate runs/small --prompt "The history of"
+"""
+
+
+def _command_modules() -> list[ModuleType]:
+    modules = [importlib.import_module(f"{commands.__name__}.{info.name}")
+               for info in pkgutil.iter_modules(commands.__path__) if not info.name.startswith("_")]
+    return sorted(modules, key=lambda m: (getattr(m, "ORDER", 100), m.NAME))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alibi-lm", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _command_modules():
+        description = getattr(module, "DESCRIPTION", module.HELP)
+        sub = subparsers.add_parser(module.NAME, help=module.HELP, description=description,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except UserError as error:
+        print(f"alibi-lm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"alibi-lm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

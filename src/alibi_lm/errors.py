@@ -1,0 +1,23 @@
+"""The one exception type for mistakes a user can fix.
+
+Library code raises `UserError` with a message that says what is wrong and how to fix it; only the
+CLI prints it (one line on stderr, exit code 2). It subclasses ValueError so that callers of the
+Python API can catch it as the usual bad-argument error.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["UserError", "closest_match_hint"]
+
+
+class UserError(ValueError):
+    """A mistake in the user's input: a bad argument, file, config key or checkpoint."""
+
+
+def closest_match_hint(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean "x"?)' for the nearest of `choices`, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f' (did you mean "{match[0]}"?)' if match else ""

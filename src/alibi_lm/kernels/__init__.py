@@ -1,0 +1,125 @@
+"""`attention`: the one door to every attention backend.
+
+Layout (used everywhere in the package): q is (B, H, Lq, D); k and v are (B, Hkv, Lk, D) with H a
+multiple of Hkv, query head h reading key/value head h // (H / Hkv) (GQA/MQA, as SDPA's enable_gqa
+and FlashAttention). Query i sits at absolute position q_offset + i and key j at position j; the
+bias added to the scaled score is -slope_h * (pos_q - j), causal attention masks j > pos_q, and
+non-causal attention uses the symmetric -slope_h * |pos_q - j|.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+from torch import Tensor
+
+from alibi_lm.kernels.reference import attention_reference, materialized_bias
+from alibi_lm.kernels.sdpa import attention_sdpa
+
+__all__ = ["BACKENDS", "attention", "attention_reference", "available_backends", "materialized_bias"]
+
+BACKENDS = ("auto", "reference", "sdpa", "triton")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run on `device` (default: CUDA if present, else CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = ["reference", "sdpa"]
+    if torch.device(device).type == "cuda" and triton_installed():
+        names.append("triton")
+    return names
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, q_offset: int,
+                  bias: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a 4-D tensor (B, heads, length, head_dim), got {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        bad = "k" if k.dtype != q.dtype else "v"
+        raise ValueError(f"{bad} has dtype {(k if bad == 'k' else v).dtype} but q has {q.dtype}")
+    if k.device != q.device or v.device != q.device:
+        bad = "k" if k.device != q.device else "v"
+        raise ValueError(f"{bad} is on {(k if bad == 'k' else v).device} but q is on {q.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)} but k has {tuple(k.shape)}; they must match")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {q.shape[0]}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k has head_dim {k.shape[-1]} but q has {q.shape[-1]}")
+    if k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q's {q.shape[1]} heads must be a multiple of k's {k.shape[1]} key/value heads")
+    if slopes is not None:
+        if not isinstance(slopes, Tensor) or slopes.shape != (q.shape[1],):
+            shape = tuple(slopes.shape) if isinstance(slopes, Tensor) else type(slopes).__name__
+            raise ValueError(f"slopes must have shape ({q.shape[1]},), one per query head, got {shape}")
+        if not slopes.is_floating_point():
+            raise ValueError(f"slopes must be floating point, got {slopes.dtype}")
+        if slopes.device != q.device:
+            raise ValueError(f"slopes is on {slopes.device} but q is on {q.device}")
+    if isinstance(q_offset, bool) or not isinstance(q_offset, int) or q_offset < 0:
+        raise ValueError(f"q_offset must be a non-negative int, got {q_offset!r}")
+    if bias is not None and bias.device != q.device:
+        raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
+
+
+def _auto_backend(q: Tensor, bias: Tensor | None) -> str:
+    if q.is_cuda and bias is None and q.dtype in _HALF_DTYPES and triton_installed():
+        from alibi_lm.kernels.triton_attention import supports
+
+        if supports(q):
+            return "triton"
+    return "sdpa"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    slopes: Tensor | None = None,
+    causal: bool = True,
+    q_offset: int = 0,
+    scale: float | None = None,
+    backend: str = "auto",
+    bias: Tensor | None = None,
+) -> Tensor:
+    """Scaled dot-product attention with an ALiBi bias (slopes) or none (slopes=None).
+
+    backend: "reference" (plain PyTorch, the ground truth), "sdpa" (torch SDPA with a materialised
+    bias), "triton" (fused kernel, bias computed in-kernel), or "auto" (Triton for fp16/bf16 on
+    CUDA, SDPA otherwise). `bias` is an optional extra additive tensor broadcastable to
+    (B, H, Lq, Lk), for methods whose bias is not a function of the positions (T5); the fused
+    kernel does not take one. Returns (B, H, Lq, D) in q's dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    _check_inputs(q, k, v, slopes, q_offset, bias)
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if backend == "auto":
+        backend = _auto_backend(q, bias)
+    args = dict(slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
+    if backend == "reference":
+        return attention_reference(q, k, v, bias=bias, **args)
+    if backend == "sdpa":
+        return attention_sdpa(q, k, v, bias=bias, **args)
+    if bias is not None:
+        raise ValueError("the triton backend computes its bias in-kernel and takes no bias tensor; "
+                         "use backend='sdpa' or 'reference' with bias")
+    if not triton_installed():
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    from alibi_lm.kernels.triton_attention import triton_attention
+
+    return triton_attention(q, k, v, **args)

@@ -1,0 +1,339 @@
+"""A pre-LayerNorm decoder-only transformer whose position method is chosen by name.
+
+Single-device and loop-free: no optimizer, data, I/O or printing here (STYLE.md). The position
+method is one module shared by every layer; attention goes through `kernels.attention`, so ALiBi
+hands its slopes to the fused kernel and no (heads, L, L) bias exists in the model.
+
+Axis names in shape comments: B batch, T new tokens, S all tokens so far (cache + new), H query
+heads, K key/value heads, D head dimension, C d_model, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alibi_lm.errors import closest_match_hint
+from alibi_lm.kernels import BACKENDS
+from alibi_lm.positions import POSITIONS, SLOPE_RULES, ALiBi, Learned, PositionMethod, Rotary, Sinusoidal, T5Bias
+
+__all__ = ["KVCache", "ModelConfig", "TransformerLM", "token_nll"]
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    n_layers: int = 4
+    d_model: int = 256
+    n_heads: int = 4
+    #: key/value heads (GQA/MQA); None means n_heads
+    n_kv_heads: int | None = None
+    #: feed-forward width; None means 4 * d_model
+    d_ff: int | None = None
+    #: dropout on embeddings and on each residual branch
+    dropout: float = 0.0
+    #: alibi | sinusoidal | learned | rotary | t5 | none
+    position: str = "alibi"
+    #: size of the `learned` position table (the longest input it can read)
+    max_len: int = 1024
+    norm: str = "layernorm"
+    #: gelu | gelu_tanh (BLOOM, GPT-2) | swiglu
+    activation: str = "gelu"
+    tie_embeddings: bool = True
+    #: biases in linear layers and layer norms
+    bias: bool = True
+    #: a layer norm right after the token embeddings (BLOOM's word_embeddings_layernorm)
+    embed_norm: bool = False
+    norm_eps: float = 1e-5
+    #: ALiBi slopes become parameters (the Triton backward returns their gradient)
+    trainable_slopes: bool = False
+    #: paper (Press et al., also BLOOM) | mpt (MosaicML's rule for non-power-of-two heads)
+    slope_rule: str = "paper"
+    #: the 8 of 2^(-8h/n); MPT calls it alibi_bias_max
+    alibi_max_bias: float = 8.0
+    rotary_base: float = 10000.0
+    t5_num_buckets: int = 32
+    t5_max_distance: int = 128
+    #: attention backend: auto | triton | sdpa | reference
+    attention_backend: str = "auto"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def ff_width(self) -> int:
+        return 4 * self.d_model if self.d_ff is None else self.d_ff
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        """Raise ValueError (a UserError) naming the first invalid field."""
+        from alibi_lm.errors import UserError
+
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})")
+        if self.ff_width < 1:
+            raise UserError(f"model.d_ff must be positive, got {self.d_ff}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        choices = {"position": POSITIONS, "norm": NORMS, "activation": ACTIVATIONS, "slope_rule": SLOPE_RULES,
+                   "attention_backend": BACKENDS}
+        for name, valid in choices.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise UserError(f"unknown model.{name} {value!r}{closest_match_hint(str(value), valid)}; "
+                                f"valid: {', '.join(valid)}")
+        if self.position == "rotary" and self.head_dim % 2:
+            raise UserError(f"rotary positions need an even head dimension, got {self.head_dim}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        from alibi_lm.errors import UserError
+
+        known = {f.name for f in fields(cls)}
+        for key in values:
+            if key not in known:
+                raise UserError(f"unknown model config key {key!r}{closest_match_hint(key, known)}")
+        return cls(**values)
+
+
+def build_position(cfg: ModelConfig) -> PositionMethod:
+    if cfg.position == "alibi":
+        return ALiBi(cfg.n_heads, rule=cfg.slope_rule, max_bias=cfg.alibi_max_bias, trainable=cfg.trainable_slopes)
+    if cfg.position == "sinusoidal":
+        return Sinusoidal(cfg.d_model)
+    if cfg.position == "learned":
+        return Learned(cfg.d_model, cfg.max_len)
+    if cfg.position == "rotary":
+        return Rotary(cfg.head_dim, cfg.rotary_base)
+    if cfg.position == "t5":
+        return T5Bias(cfg.n_heads, cfg.t5_num_buckets, cfg.t5_max_distance)
+    return POSITIONS[cfg.position]()
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding, in buffers that double when full.
+
+    Keys are stored after the position method's rotation, so a cached key never changes."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        shape = (batch, cfg.kv_heads, max(capacity, 1), cfg.head_dim)
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's k, v (B, K, T, D) for `layer`; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.keys[layer].shape[2]:
+            grow = max(end, 2 * self.keys[layer].shape[2])
+            self.keys[layer] = _grown(self.keys[layer], grow, start)
+            self.values[layer] = _grown(self.values[layer], grow, start)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+
+def _grown(buffer: Tensor, capacity: int, used: int) -> Tensor:
+    bigger = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[3])
+    bigger[:, :, :used] = buffer[:, :, :used]
+    return bigger
+
+
+def padding_bias(padding_mask: Tensor, n_queries: int, offset: int, dtype: torch.dtype) -> Tensor:
+    """(B, 1, T, S) additive mask that hides padded keys. A padded query still sees itself, so that
+    no row is empty (an empty row is NaN, and 0 * NaN would leak into real rows through V)."""
+    keys = torch.arange(padding_mask.shape[1], device=padding_mask.device)
+    queries = torch.arange(offset, offset + n_queries, device=padding_mask.device)
+    visible = padding_mask[:, None, :].bool() | (keys[None, None, :] == queries[None, :, None])  # (B, T, S)
+    zero = torch.zeros((), dtype=dtype, device=padding_mask.device)
+    return torch.where(visible, zero, torch.tensor(-math.inf, dtype=dtype, device=padding_mask.device))[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: Tensor, position: PositionMethod, offset: int, layer: int, cache: KVCache | None,
+                padding_mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)
+        q, k = position.rotate(q, k, offset)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+        if padding_mask is None:
+            out = position.attend(q, k, v, offset, self.cfg.attention_backend)
+        else:
+            out = _attend_padded(position, q, k, v, offset, self.cfg.attention_backend, padding_mask)
+        return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
+
+
+def _attend_padded(position: PositionMethod, q: Tensor, k: Tensor, v: Tensor, offset: int, backend: str,
+                   padding_mask: Tensor) -> Tensor:
+    from alibi_lm.kernels import attention
+
+    mask = padding_bias(padding_mask, q.shape[2], offset, q.dtype)
+    backend = "sdpa" if backend in ("auto", "triton") else backend
+    if isinstance(position, ALiBi):
+        return attention(q, k, v, slopes=position.slopes, q_offset=offset, backend=backend, bias=mask)
+    if isinstance(position, T5Bias):
+        bias = position.bias(q.shape[2], k.shape[2], offset, q.device).to(q.dtype)
+        return attention(q, k, v, q_offset=offset, backend=backend, bias=mask + bias)
+    return attention(q, k, v, q_offset=offset, backend=backend, bias=mask)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.activation == "swiglu"
+        self.up = nn.Linear(cfg.d_model, cfg.ff_width * (2 if self.gated else 1), bias=cfg.bias)
+        self.down = nn.Linear(cfg.ff_width, cfg.d_model, bias=cfg.bias)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, value = h.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * value)
+        return self.down(F.gelu(h, approximate=self.approximate))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_attn = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm_mlp = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, position: PositionMethod, offset: int, layer: int, cache: KVCache | None,
+                padding_mask: Tensor | None) -> Tensor:
+        x = x + self.dropout(self.attn(self.norm_attn(x), position, offset, layer, cache, padding_mask))
+        return x + self.dropout(self.mlp(self.norm_mlp(x)))
+
+
+def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """Negative log-likelihood of each target token, float32, shape of `targets`; the one loss
+    function behind training (its mean) and evaluation (per position)."""
+    flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return flat.view(targets.shape)
+
+
+class TransformerLM(nn.Module):
+    """Token ids (B, T) -> logits (B, T, V), plus the mean cross-entropy when targets are given."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.position = build_position(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, and the projections that write into
+        the residual stream scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            nn.init.normal_(block.mlp.down.weight, std=residual_std)
+        if isinstance(self.position, T5Bias):
+            nn.init.zeros_(self.position.table.weight)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.embed.weight.numel()
+            if isinstance(self.position, Learned):
+                n -= self.position.table.weight.numel()
+        return n
+
+    def new_cache(self, batch: int, capacity: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.embed.weight
+        return KVCache(self.cfg, batch, capacity, device or weight.device, dtype or weight.dtype)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        targets: Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """tokens (B, T) int64; with a cache they continue the cached sequence (positions start at
+        cache.length). padding_mask (B, S) marks the real tokens of everything so far (1) versus
+        left padding (0), for batches of prompts of different lengths; it needs a relative method."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, length), got shape {tuple(tokens.shape)}")
+        offset = cache.length if cache is not None else 0
+        if padding_mask is not None:
+            if isinstance(self.position, (Sinusoidal, Learned)):
+                raise ValueError(f"padded batches need a relative position method; {self.cfg.position} "
+                                 "positions are absolute: run prompts one by one")
+            if padding_mask.shape != (tokens.shape[0], offset + tokens.shape[1]):
+                raise ValueError(f"padding_mask must be (batch, cached + new tokens) = "
+                                 f"{(tokens.shape[0], offset + tokens.shape[1])}, got {tuple(padding_mask.shape)}")
+        x = self.embed(tokens)  # (B, T, C)
+        x = self.position.embed(x, offset)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.dropout(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, self.position, offset, layer, cache, padding_mask)
+        if cache is not None:
+            cache.advance(tokens.shape[1])
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        loss = None if targets is None else token_nll(logits, targets).mean()
+        return logits, loss
