@@ -57,9 +57,12 @@ def alibi_slopes(n_heads: int, max_bias: float = 8.0) -> Tensor:
 
 
 def mpt_alibi_slopes(n_heads: int, max_bias: float = 8.0) -> Tensor:
-    """MosaicML MPT's slopes: for a non-power-of-two n it rounds *up* to c = 2^ceil(log2 n) and
-    takes the odd-indexed slopes of the c rule before the even ones, so it differs from the paper's
-    rule (identical for powers of two). Imported MPT models need it to be exact."""
+    """MosaicML MPT's construction of the slopes, written as MPT writes it: round n *up* to
+    c = 2^ceil(log2 n) and take the odd-indexed slopes of the c rule before the even ones.
+
+    It looks different from the paper's rule but yields the same slopes in the same order for every
+    head count and max_bias (the lower power's rule is every second slope of the doubled one); the
+    tests check this, which is why an imported MPT model only needs its `alibi_bias_max`."""
     if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
         raise ValueError(f"mpt_alibi_slopes needs a positive whole number of heads, got {n_heads!r}")
     padded = 2 ** math.ceil(math.log2(n_heads))
