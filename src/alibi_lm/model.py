@@ -58,6 +58,10 @@ class ModelConfig:
     slope_rule: str = "paper"
     #: the 8 of 2^(-8h/n); MPT calls it alibi_bias_max
     alibi_max_bias: float = 8.0
+    #: clamp the fused q/k/v projection to [-qkv_clip, qkv_clip] (MPT's clip_qkv); None: no clamp
+    qkv_clip: float | None = None
+    #: the attention score scale (MPT's softmax_scale); None means 1/sqrt(head_dim)
+    attn_scale: float | None = None
     rotary_base: float = 10000.0
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
@@ -99,6 +103,11 @@ class ModelConfig:
             if value not in valid:
                 raise UserError(f"unknown model.{name} {value!r}{closest_match_hint(str(value), valid)}; "
                                 f"valid: {', '.join(valid)}")
+        for name in ("qkv_clip", "attn_scale"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise UserError(f"model.{name} must be a positive number or unset, got {value!r}")
         if self.position == "rotary" and self.head_dim % 2:
             raise UserError(f"rotary positions need an even head dimension, got {self.head_dim}")
 
@@ -184,7 +193,13 @@ class Attention(nn.Module):
                 padding_mask: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         H, K, D = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        qkv = self.qkv(x)
+        if self.cfg.qkv_clip is not None:
+            qkv = qkv.clamp(-self.cfg.qkv_clip, self.cfg.qkv_clip)
+        q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
+        if self.cfg.attn_scale is not None:
+            # every backend scales by 1/sqrt(D); folding the rest into q keeps one kernel signature
+            q = q * (self.cfg.attn_scale * math.sqrt(D))
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)
