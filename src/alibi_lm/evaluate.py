@@ -1,0 +1,212 @@
+"""Perplexity at several evaluation lengths: the measurement behind "train short, test long".
+
+Two modes, as in the paper (Press et al. 2022, sections 4 and 5):
+
+- **nonoverlapping** (the paper's main results): the tokens to predict, `tokens[1:]`, are cut into
+  consecutive windows of L. The model reads `tokens[s : s + L]` and predicts `tokens[s + 1 : s + L + 1]`,
+  so the k-th prediction of a window is conditioned on k tokens (k = 1..L) and never on the previous
+  window. A trailing partial window is evaluated too, so every length scores exactly the same
+  N - 1 tokens of an N-token split and the perplexities of different lengths are comparable.
+- **sliding** window (the early-token-curse analysis): the model always reads L tokens and each
+  window scores only its last `stride` predictions; with stride 1 (the paper) every token after the
+  first L is predicted from the full L-token model input, which is the paper's "L_valid - 1 tokens of
+  context" once the predicted token is counted in the window. The first window scores all its
+  predictions (nothing earlier exists). A stride S > 1 is an approximation: the last S predictions
+  of a window see between L - S + 1 and L tokens, so the result lies between nonoverlapping and the
+  exact sliding value, and costs S times less.
+
+Word-level perplexity is exp(total NLL / number of words) with the words of the split counted by
+whitespace (the paper's WikiText-103 convention); with a word-level tokenizer it is the token
+perplexity. The first token of the split is never predicted, a 1/N difference we do not correct.
+
+Memory: windows are batched so that a batch holds at most `max_batch_tokens` input tokens (one
+window when L is larger), and the cross-entropy is taken in slices along the window so that no
+float32 copy of the whole (B, L, V) logits exists. Attention memory at long L is the kernel's
+business (the fused ALiBi kernel and SDPA's flash path are linear in L).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from alibi_lm.errors import UserError
+from alibi_lm.model import TransformerLM, token_nll
+
+__all__ = ["MODES", "evaluate_lengths", "plan_windows", "window_nll"]
+
+MODES = ("nonoverlapping", "sliding")
+
+#: logits are scored in slices of this many positions, to bound the float32 copy in token_nll
+_NLL_SLICE = 2048
+
+
+@dataclass(frozen=True)
+class Window:
+    """The model reads tokens[start : start + length] and scores its last `scored` predictions."""
+
+    start: int
+    length: int
+    scored: int
+
+
+def plan_windows(n_tokens: int, length: int, mode: str, stride: int = 1) -> list[Window]:
+    """The windows that cover the N - 1 predictions of an N-token split exactly once."""
+    if mode not in MODES:
+        raise UserError(f"unknown evaluation mode {mode!r}; valid: {', '.join(MODES)}")
+    if length < 1:
+        raise UserError(f"evaluation length must be a positive integer, got {length}")
+    if stride < 1 or stride > length:
+        raise UserError(f"sliding-window stride must be between 1 and the evaluation length {length}, got {stride}")
+    targets = n_tokens - 1
+    if targets < 1:
+        raise UserError(f"need at least 2 tokens to evaluate, got {n_tokens}")
+    if mode == "nonoverlapping" or targets <= length:
+        return [Window(s, min(length, targets - s), min(length, targets - s)) for s in range(0, targets, length)]
+    windows = [Window(0, length, length)]
+    end = length  # predictions 1..end are scored so far
+    while end < targets:
+        scored = min(stride, targets - end)
+        end += scored
+        windows.append(Window(end - length, length, scored))
+    return windows
+
+
+def window_nll(model: TransformerLM, inputs: Tensor, targets: Tensor, scored: int) -> Tensor:
+    """NLL (B, scored) of the last `scored` predictions of a batch of windows (B, L), float32."""
+    logits, _ = model(inputs)  # (B, L, V)
+    first = inputs.shape[1] - scored
+    parts = [token_nll(logits[:, i : i + _NLL_SLICE], targets[:, i : i + _NLL_SLICE])
+             for i in range(first, inputs.shape[1], _NLL_SLICE)]
+    return torch.cat(parts, dim=1)
+
+
+def _autocast(device: torch.device, model: TransformerLM):
+    # bf16 on CUDA is what training uses and what the fused kernel takes; an fp32 CPU run stays exact.
+    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _as_array(tokens) -> np.ndarray:
+    if isinstance(tokens, Tensor):
+        return tokens.detach().cpu().numpy().reshape(-1)
+    array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise UserError(f"tokens must be a 1-D sequence of token ids, got shape {array.shape}")
+    return array
+
+
+def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: str, stride: int,
+                  max_batch_tokens: int, progress: bool, word_count: int | None,
+                  on_batch: Callable[[int], None] | None) -> dict:
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    windows = plan_windows(len(tokens), length, mode, stride)
+    batch_size = max(1, max_batch_tokens // length)
+    # windows of one length share a batch; only the trailing window of a short split differs
+    groups: dict[tuple[int, int], list[Window]] = {}
+    for w in windows:
+        groups.setdefault((w.length, w.scored), []).append(w)
+    n_batches = sum(math.ceil(len(ws) / batch_size) for ws in groups.values())
+
+    nll_sum = 0.0
+    scored_total = 0
+    position_sum = np.zeros(length, dtype=np.float64)
+    position_count = np.zeros(length, dtype=np.int64)
+    started = time.perf_counter()
+    bar = tqdm(total=n_batches, desc=f"{mode} L={length}", unit="batch", disable=not progress, leave=False,
+               file=sys.stderr)
+    with torch.inference_mode(), _autocast(device, model):
+        for (win_len, scored), group in groups.items():
+            for i in range(0, len(group), batch_size):
+                batch = group[i : i + batch_size]
+                rows = np.stack([tokens[w.start : w.start + win_len + 1] for w in batch]).astype(np.int64)
+                rows_t = torch.from_numpy(rows).to(device, non_blocking=True)
+                nll = window_nll(model, rows_t[:, :-1], rows_t[:, 1:], scored).double()  # (B, scored)
+                nll_sum += nll.sum().item()
+                scored_total += nll.numel()
+                first = win_len - scored
+                position_sum[first:win_len] += nll.sum(0).cpu().numpy()
+                position_count[first:win_len] += nll.shape[0]
+                bar.update(1)
+                if on_batch is not None:
+                    on_batch(nll.numel())
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+
+    loss = nll_sum / scored_total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        by_position = position_sum / position_count
+    record = {
+        "mode": mode,
+        "length": length,
+        "stride": stride if mode == "sliding" else length,
+        "windows": len(windows),
+        "tokens": scored_total,
+        "nll_sum": nll_sum,
+        "loss": loss,
+        "ppl": math.exp(loss),
+        "words": word_count,
+        "word_ppl": math.exp(nll_sum / word_count) if word_count else None,
+        "seconds": seconds,
+        "tokens_per_second": sum(w.length for w in windows) / max(seconds, 1e-9),
+    }
+    # Mean NLL at each position of the window (0 = the first prediction, conditioned on one token).
+    # Only nonoverlapping windows cover every position; sliding windows score their tail.
+    record["loss_by_position"] = ([None if c == 0 else round(float(v), 5) for v, c in zip(by_position, position_count)]
+                                  if mode == "nonoverlapping" else None)
+    return record
+
+
+def evaluate_lengths(
+    model: TransformerLM,
+    tokens: Sequence[int] | np.ndarray | Tensor,
+    lengths: Sequence[int],
+    *,
+    mode: str = "nonoverlapping",
+    stride: int = 1,
+    word_count: int | None = None,
+    max_batch_tokens: int = 16384,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Perplexity of `model` on the 1-D token sequence `tokens` at each evaluation length.
+
+    Returns {"mode", "stride", "split_tokens", "words", "records": [one dict per length]}; a record
+    holds length, windows, tokens (predictions scored: N - 1 for every length), nll_sum, loss (mean
+    NLL in nats), ppl, word_ppl (when `word_count` is given), seconds, tokens_per_second (tokens
+    read by the model) and loss_by_position (nonoverlapping only). The model is put in eval mode.
+    """
+    if mode not in MODES:
+        raise UserError(f"unknown evaluation mode {mode!r}; valid: {', '.join(MODES)}")
+    lengths = [int(n) for n in lengths]
+    if not lengths or any(n < 1 for n in lengths):
+        raise UserError(f"evaluation lengths must be positive integers, got {lengths}")
+    array = _as_array(tokens)
+    max_position = getattr(model.position, "max_positions", None)
+    if max_position is not None and max(lengths) > max_position:
+        raise UserError(f"this model's {model.cfg.position} positions stop at {max_position} tokens; "
+                        f"drop the lengths above {max_position}")
+    if word_count is not None and word_count < 1:
+        word_count = None
+    was_training = model.training
+    model.eval()
+    try:
+        records = [_evaluate_one(model, array, n, mode, stride, max_batch_tokens, progress, word_count, on_batch)
+                   for n in lengths]
+    finally:
+        model.train(was_training)
+    return {"mode": mode, "stride": stride if mode == "sliding" else None, "split_tokens": len(array),
+            "words": word_count, "records": records}

@@ -1,0 +1,129 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alibi_lm.errors import UserError
+from alibi_lm.evaluate import evaluate_lengths, plan_windows
+from alibi_lm.model import ModelConfig, TransformerLM
+
+
+def tiny_model(position: str = "alibi", seed: int = 0) -> TransformerLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=37, n_layers=2, d_model=32, n_heads=4, position=position, max_len=64,
+                      attention_backend="sdpa")
+    model = TransformerLM(cfg)
+    # untrained weights give near-uniform predictions; larger ones make positions matter
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8.0)
+    return model.eval()
+
+
+def random_tokens(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 37, n).astype(np.uint16)
+
+
+def explicit_nll(model: TransformerLM, context: np.ndarray, target: int) -> float:
+    """NLL of `target` after `context`, from one forward pass of the whole context, float64."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(context[None].astype(np.int64)))
+    return -F.log_softmax(logits[0, -1].double(), -1)[int(target)].item()
+
+
+@pytest.mark.parametrize("position", ["alibi", "sinusoidal", "rotary"])
+def test_nonoverlapping_matches_hand_loop(position):
+    model = tiny_model(position)
+    tokens = random_tokens(103)
+    length = 16
+    by_pos_sum, by_pos_n = np.zeros(length), np.zeros(length)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, length):
+            window = tokens[start : start + length + 1].astype(np.int64)
+            logits, _ = model(torch.tensor(window[None, :-1]))
+            logp = F.log_softmax(logits[0].double(), -1)
+            nll = -logp[torch.arange(len(window) - 1), torch.tensor(window[1:])].numpy()
+            total += nll.sum()
+            count += len(nll)
+            by_pos_sum[: len(nll)] += nll
+            by_pos_n[: len(nll)] += 1
+    out = evaluate_lengths(model, tokens, [length], progress=False, word_count=40, max_batch_tokens=32)
+    rec = out["records"][0]
+    assert rec["tokens"] == count == len(tokens) - 1
+    assert rec["windows"] == math.ceil(102 / 16)
+    assert rec["nll_sum"] == pytest.approx(total, rel=1e-5)
+    assert rec["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert rec["word_ppl"] == pytest.approx(math.exp(total / 40), rel=1e-5)
+    np.testing.assert_allclose(rec["loss_by_position"], by_pos_sum / by_pos_n, rtol=1e-4)
+
+
+@pytest.mark.parametrize("position", ["alibi", "sinusoidal", "t5"])
+def test_sliding_stride_one_matches_explicit_context(position):
+    model = tiny_model(position)
+    tokens = random_tokens(60)
+    length = 12
+    expected = [explicit_nll(model, tokens[max(0, t - length) : t], tokens[t]) for t in range(1, len(tokens))]
+    out = evaluate_lengths(model, tokens, [length], mode="sliding", stride=1, progress=False, max_batch_tokens=50)
+    rec = out["records"][0]
+    assert rec["tokens"] == len(tokens) - 1
+    assert rec["nll_sum"] == pytest.approx(sum(expected), rel=1e-5)
+    assert rec["loss_by_position"] is None
+
+
+def test_sliding_stride_is_between_nonoverlapping_and_exact_and_counts_each_token_once():
+    model = tiny_model("sinusoidal")
+    tokens = random_tokens(200)
+    length = 16
+    exact, approx, nonover = (
+        evaluate_lengths(model, tokens, [length], mode=m, stride=s, progress=False)["records"][0]
+        for m, s in (("sliding", 1), ("sliding", 5), ("nonoverlapping", 1))
+    )
+    assert exact["tokens"] == approx["tokens"] == nonover["tokens"] == 199
+    # stride 5: target t >= 17 is predicted from the window that ends at it or up to 4 later
+    expected = [explicit_nll(model, tokens[:t], tokens[t]) for t in range(1, length + 1)]
+    for w in plan_windows(200, length, "sliding", 5)[1:]:
+        for j in range(w.length - w.scored, w.length):
+            t = w.start + j + 1
+            expected.append(explicit_nll(model, tokens[w.start : t], tokens[t]))
+    assert approx["nll_sum"] == pytest.approx(sum(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("n,length,stride", [(2, 4, 1), (50, 7, 3), (64, 63, 63), (100, 10, 10), (11, 10, 4),
+                                             (1000, 64, 17)])
+def test_windows_cover_every_prediction_once(n, length, stride):
+    for mode in ("nonoverlapping", "sliding"):
+        covered = []
+        for w in plan_windows(n, length, mode, stride):
+            assert 1 <= w.scored <= w.length <= length and w.start >= 0 and w.start + w.length <= n - 1
+            covered += range(w.start + w.length - w.scored + 1, w.start + w.length + 1)
+        assert covered == list(range(1, n))
+
+
+def test_batching_does_not_change_results_and_lengths_score_the_same_tokens():
+    model = tiny_model("alibi")
+    tokens = torch.tensor(random_tokens(300).astype(np.int64))
+    small = evaluate_lengths(model, tokens, [8, 32, 100], max_batch_tokens=1, progress=False)
+    large = evaluate_lengths(model, tokens, [8, 32, 100], max_batch_tokens=10_000, progress=False)
+    for a, b in zip(small["records"], large["records"]):
+        assert a["tokens"] == b["tokens"] == 299
+        assert a["nll_sum"] == pytest.approx(b["nll_sum"], rel=1e-5)
+    assert [r["length"] for r in small["records"]] == [8, 32, 100]
+    assert small["split_tokens"] == 300
+
+
+def test_model_mode_is_restored_and_inputs_checked():
+    model = tiny_model("learned").train()
+    tokens = random_tokens(100)
+    evaluate_lengths(model, tokens, [16], progress=False)
+    assert model.training
+    with pytest.raises(UserError, match="stop at 64"):
+        evaluate_lengths(model, tokens, [128], progress=False)
+    with pytest.raises(UserError, match="mode"):
+        evaluate_lengths(model, tokens, [16], mode="overlap", progress=False)
+    with pytest.raises(UserError, match="stride"):
+        evaluate_lengths(model, tokens, [16], mode="sliding", stride=17, progress=False)
+    with pytest.raises(UserError, match="at least 2 tokens"):
+        evaluate_lengths(model, tokens[:1], [16], progress=False)

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from alibi_lm.errors import UserError
+from alibi_lm.generate import _sample, filter_logits, generate
+from alibi_lm.model import ModelConfig, TransformerLM
+
+
+def tiny_model(position: str = "alibi", seed: int = 0) -> TransformerLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=41, n_layers=2, d_model=32, n_heads=4, position=position, max_len=48,
+                      attention_backend="sdpa")
+    model = TransformerLM(cfg)
+    with torch.no_grad():  # sharper, position-dependent predictions than an untrained init
+        for p in model.parameters():
+            p.mul_(6.0)
+    return model.eval()
+
+
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2], [6], [5, 3, 5, 8]]
+
+
+@pytest.mark.parametrize("position", ["alibi", "sinusoidal", "rotary", "t5", "none"])
+def test_greedy_with_cache_equals_argmax_of_full_forward(position):
+    model = tiny_model(position)
+    sequence = list(PROMPTS[0])
+    with torch.no_grad():
+        for _ in range(30):
+            logits, _ = model(torch.tensor([sequence]))
+            sequence.append(int(logits[0, -1].argmax()))
+    new = generate(model, [PROMPTS[0]], max_new_tokens=30, temperature=0)
+    assert new == [sequence[len(PROMPTS[0]) :]]
+
+
+@pytest.mark.parametrize("position", ["alibi", "rotary", "t5", "none", "sinusoidal"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_left_padded_batch_equals_one_by_one(position, temperature):
+    model = tiny_model(position)
+    batch = generate(model, PROMPTS, max_new_tokens=20, temperature=temperature, top_k=20, seed=7)
+    alone = [generate(model, [p], max_new_tokens=20, temperature=temperature, top_k=20, seed=7 + i)[0]
+             for i, p in enumerate(PROMPTS)]
+    assert batch == alone
+    assert all(len(t) == 20 for t in batch)
+
+
+def test_generation_runs_past_the_learned_table_only_for_relative_methods():
+    model = tiny_model("alibi")
+    out = generate(model, [[1, 2, 3]], max_new_tokens=100, temperature=0.8, seed=1)  # past max_len=48
+    assert len(out[0]) == 100 and all(0 <= t < 41 for t in out[0])
+    with pytest.raises(UserError, match="positions stop at 48"):
+        generate(tiny_model("learned"), [[1, 2, 3]], max_new_tokens=100)
+
+
+def test_seed_streaming_and_stop_token():
+    model = tiny_model("alibi")
+    a = generate(model, PROMPTS, max_new_tokens=15, seed=3)
+    streamed = []
+    b = generate(model, PROMPTS, max_new_tokens=15, seed=3, on_token=streamed.append)
+    c = generate(model, PROMPTS, max_new_tokens=15, seed=4)
+    assert a == b and a != c
+    assert [list(row) for row in zip(*streamed)] == a
+    stop = a[0][4]
+    d = generate(model, PROMPTS, max_new_tokens=15, seed=3, stop_id=stop)
+    assert d[0] == a[0][: a[0].index(stop) + 1]
+    for row, full in zip(d[1:], a[1:]):
+        assert row == (full[: full.index(stop) + 1] if stop in full else full)
+
+
+def test_filters_and_sampling_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all()
+    assert torch.isfinite(filter_logits(logits, top_k=2)[0, :2]).all()
+    # nucleus 0.7: 0.5 alone is not enough, 0.5 + 0.3 is; the rest is cut
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7)[0]).tolist()
+    assert kept == [True, True, False, False]
+    assert torch.isfinite(filter_logits(logits, top_p=0.01)[0]).tolist() == [True, False, False, False]
+    n = 20000
+    generators = [torch.Generator().manual_seed(i) for i in range(n)]
+    draws = _sample(logits.expand(n, 4), generators, 1.0, None, None)
+    freq = torch.bincount(draws, minlength=4).double() / n
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.015)
+    greedy = _sample(logits, generators[:1], 0.0, None, None)
+    assert greedy.tolist() == [0]
+
+
+def test_bad_arguments_are_user_errors():
+    model = tiny_model("alibi")
+    for kwargs in ({"temperature": -1}, {"top_k": 0}, {"top_p": 1.5}, {"max_new_tokens": -1}):
+        args = {"max_new_tokens": 3, **kwargs}
+        with pytest.raises(UserError):
+            generate(model, [[1]], **args)
+    with pytest.raises(UserError, match="vocabulary"):
+        generate(model, [[99]], max_new_tokens=1)
+    with pytest.raises(UserError, match="at least one token"):
+        generate(model, [[]], max_new_tokens=1)
