@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+
+from alibi_lm.errors import UserError
+from alibi_lm.plots import FORMAT, load_results, plot_results, results_table
+
+
+def fake_result(label: str, ppls: dict[int, float], train_len: int = 64, sliding: dict[int, float] | None = None):
+    evaluations = [{"mode": "nonoverlapping", "length": n, "stride": n, "ppl": p, "word_ppl": p * 1.5,
+                    "loss_by_position": [3.0 / (1 + i) ** 0.3 for i in range(n)]} for n, p in ppls.items()]
+    evaluations += [{"mode": "sliding", "length": n, "stride": 4, "ppl": p, "word_ppl": None, "loss_by_position": None}
+                    for n, p in (sliding or {}).items()]
+    return {"format": FORMAT, "format_version": 1, "label": label, "train_len": train_len, "evaluations": evaluations}
+
+
+def read_png(path):
+    from matplotlib.image import imread
+
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    return imread(path)
+
+
+def has_color(image: np.ndarray, hex_color: str, tol: float = 0.02) -> bool:
+    rgb = np.array([int(hex_color[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+    return bool((np.abs(image[..., :3] - rgb).max(-1) < tol).any())
+
+
+def test_plot_writes_png_with_one_line_per_run(tmp_path):
+    alibi = fake_result("alibi", {64: 30.0, 128: 28.0, 256: 27.5, 512: 27.4}, sliding={64: 29.0, 256: 28.9})
+    sinus = fake_result("sinusoidal", {64: 31.0, 128: 90.0, 256: 400.0, 512: 900.0})
+    out = tmp_path / "sub" / "ppl.png"
+    drawn = plot_results([alibi, sinus], out)
+    image = read_png(out)
+    assert image.shape[0] > 300 and image.shape[1] > 800  # two panels side by side
+    assert has_color(image, "#1f77b4") and has_color(image, "#ff7f0e")  # matplotlib's C0 and C1 lines
+    assert drawn["ppl"]["alibi"] == ([64, 128, 256, 512], [30.0, 28.0, 27.5, 27.4])
+    assert drawn["ppl"]["alibi (sliding)"] == ([64, 256], [29.0, 28.9])
+    assert drawn["ppl"]["sinusoidal"][1][-1] == 900.0
+    assert drawn["train_lens"] == [64]
+    xs, ys = drawn["loss_by_position"]["alibi (L=512)"]
+    assert xs[0] == pytest.approx(1.0) and xs[-1] < 512 and ys[0] == pytest.approx(3.0)
+    assert all(a < b for a, b in zip(xs, xs[1:])) and all(a > b for a, b in zip(ys, ys[1:]))
+
+
+def test_word_metric_and_single_panel(tmp_path):
+    run = fake_result("r", {16: 10.0, 32: 9.0})
+    for e in run["evaluations"]:
+        e["loss_by_position"] = None
+    drawn = plot_results([run], tmp_path / "w.png", metric="word_ppl")
+    assert drawn["ppl"]["r"] == ([16, 32], [15.0, 13.5])
+    assert drawn["loss_by_position"] == {}
+    image = read_png(tmp_path / "w.png")
+    assert image.shape[1] < 800
+
+
+def test_table_and_loading(tmp_path):
+    alibi = fake_result("alibi", {64: 30.0, 128: 28.0}, sliding={64: 29.0})
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(alibi))
+    (loaded,) = load_results([path])
+    table = results_table([loaded])
+    assert "alibi" in table and "30.00" in table and "28.00" in table and "stride 4" in table
+    md = results_table([loaded], markdown=True)
+    assert md.splitlines()[0] == "| nonoverlapping | train L | 64 | 128 |"
+    assert "| alibi | 64 | 30.00 | 28.00 |" in md
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="not an alibi-lm"):
+        load_results([tmp_path / "bad.json"])
+    with pytest.raises(UserError, match="does not exist"):
+        load_results([tmp_path / "missing.json"])
+
+
+def test_plots_module_does_not_import_torch():
+    # the package's __init__ imports torch, so check plots.py's own imports (all of them, also inside functions)
+    import ast
+
+    import alibi_lm.plots
+
+    tree = ast.parse(open(alibi_lm.plots.__file__).read())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert "matplotlib.figure" in names
+    heavy = ("alibi_lm.model", "alibi_lm.evaluate")
+    assert not [n for n in names if n.split(".")[0] in ("torch", "numpy") or n in heavy]
