@@ -1,0 +1,541 @@
+"""Fused ALiBi attention in Triton: forward and backward, the bias computed inside the tile.
+
+Tensor layout and semantics are those of `alibi_lm.kernels.attention`; `reference.attention_reference`
+is the ground truth these kernels are tested against. The bias -slope_h * (pos_q - j) (or |pos_q - j|
+without the causal mask) is formed per tile in fp32 from integer positions, so no (Lq, Lk) tensor is
+ever stored and the distance is exact up to 2^24 tokens.
+
+Layout of the file: block-range helpers -> forward kernel -> backward kernels (delta, dK/dV, dQ with
+dslopes) -> launchers -> autograd.Function -> `triton_attention` / `supports`.
+
+Scores are kept in the log2 domain (scale and slopes premultiplied by log2(e)) so the softmax uses
+exp2; the saved log-sum-exp is in the same domain.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["HEAD_DIMS", "supports", "triton_attention"]
+
+# Head dims the kernels are built and tested for; others are padded the same way but untested.
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# ALIBI_TRITON_AUTOTUNE=0 pins each kernel to its first config: GPU test runs compile dozens of
+# (dtype, head dim, flag) variants, and autotuning each would multiply the compile time.
+_AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
+# Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
+DECODE_MAX_QUERIES = 16
+
+
+def _configs(hopper: list[tuple[int, int, int, int]], interpret: tuple[int, int]) -> list[triton.Config]:
+    # The interpreter pays per block, not per element, and autotuning there would only multiply the
+    # test time: one small config with BLOCK_M != BLOCK_N so the diagonal bookkeeping is exercised.
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": interpret[0], "BLOCK_N": interpret[1]}, num_warps=4, num_stages=1)]
+    if not _AUTOTUNE:
+        hopper = hopper[:1]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in hopper]
+
+
+def _prune_for_smem(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # Wide heads (D=256) do not fit the deep pipelines of the 128-wide tiles in shared memory.
+    if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) <= 128 or _INTERPRET:
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from FlashAttention-2 Triton practice on sm_90.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+                        (32, 16))
+# The dK/dV kernel keeps a key tile resident and streams queries; the dQ kernel the reverse.
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16))
+
+
+# Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot; there the operands
+# (already rounded to bf16) are widened to fp32 first, which gives the same products.
+_WIDEN_DOT = tl.constexpr(_INTERPRET)
+
+
+@triton.jit
+def _dot(a, b):
+    if _WIDEN_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _bias_positions(pos_q, Lk):
+    """Query positions as the bias sees them: clamped to the last key.
+
+    Past the last key every distance only grows by the same row constant, which softmax ignores
+    (and so do the gradients); clamping keeps scores small, so fp32 rounding of a 64k-token offset
+    cannot perturb the softmax of queries that sit far beyond a short cache."""
+    return tl.minimum(pos_q, Lk - 1).to(tl.float32)
+
+
+@triton.jit
+def _scores(q, kT, pos_b, pos_k, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
+    """Scaled scores plus bias of one tile, log2 domain: rows are queries, columns keys."""
+    s = _dot(q, kT) * qk_scale
+    if HAS_SLOPES:
+        dist = pos_b[:, None] - pos_k[None, :]
+        if not CAUSAL:
+            dist = tl.abs(dist)
+        s = s - slope_l2 * dist
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D,
+               qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        pos_k = offs_k.to(tl.float32)
+        kT_ptrs = K + offs_k[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = V + offs_k[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            k_ok = offs_k < Lk
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D == D:
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = _scores(q, kT, pos_b, pos_k, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        if MASKED:
+            ok = (offs_k < Lk)[None, :]
+            if CAUSAL:
+                ok = ok & (pos_k[None, :] <= pos_q[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        # Key 0 is visible to every query and sits in the first block visited, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, Slopes, O, LSE,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                H, GROUP, Lq, Lk, q_offset, qk_scale, D, LQ_BUCKET, LK_BUCKET,
+                CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    K += b * skb + hkv * skh
+    V += b * svb + hkv * svh
+    slope_l2 = 0.0
+    if HAS_SLOPES:
+        slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
+    pos_q = (q_offset + offs_m).to(tl.float32)
+    pos_b = _bias_positions(q_offset + offs_m, Lk)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Blocks wholly visible to every row of this tile need neither the causal nor the length mask.
+    full_end = (Lk // BLOCK_N) * BLOCK_N
+    hi = Lk
+    if CAUSAL:
+        full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, 0, full_end, pos_q, pos_b, offs_n, offs_d, Lk,
+                               D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, full_end, hi, pos_q, pos_b, offs_n, offs_d,
+                               Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_N, BLOCK_D)
+    acc = acc / l_i[:, None]
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
+
+
+_fwd = triton.autotune(_FWD_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"],
+                       prune_configs_by={"early_config_prune": _prune_for_smem})(_fwd_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit
+def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_i = sum_d dO_id * O_id, the row term of the softmax gradient."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(Delta + bh * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D,
+                qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi)."""
+    d_ok = offs_d < D
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        pos_q = (q_offset + rows).to(tl.float32)
+        pos_b = _bias_positions(q_offset + rows, Lk)
+        qT_ptrs = Q + rows[None, :] * sqm + offs_d[:, None]
+        do_ptrs = dO + rows[:, None] * sdom + offs_d[None, :]
+        if MASKED:
+            r_ok = rows < Lq
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+            # +inf drives the probabilities of absent rows to zero
+            lse = tl.load(LSE + rows, mask=r_ok, other=float("inf"))
+            delta = tl.load(Delta + rows, mask=r_ok, other=0.0)
+        else:
+            if BLOCK_D == D:
+                qT = tl.load(qT_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse = tl.load(LSE + rows)
+            delta = tl.load(Delta + rows)
+        # transposed tile: keys are rows here, so the bias distance is pos_q - pos_k along columns
+        sT = _dot(k, qT) * qk_scale
+        if HAS_SLOPES:
+            dist = pos_b[None, :] - pos_k[:, None]
+            if not CAUSAL:
+                dist = tl.abs(dist)
+            sT = sT - slope_l2 * dist
+        pT = tl.math.exp2(sT - lse[None, :])
+        if MASKED and CAUSAL:
+            pT = tl.where(pos_k[:, None] <= pos_q[None, :], pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do)
+        dpT = _dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(qT.dtype), tl.trans(qT))
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
+                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                 sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
+                 H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
+                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bhkv = tl.program_id(1)
+    b = bhkv // Hkv
+    hkv = bhkv % Hkv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (offs_n < Lk)[:, None] & (offs_d < D)[None, :]
+    k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    pos_k = offs_n.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Query blocks that see only part of this key tile (the diagonal) or run past Lq are masked;
+    # causal blocks wholly before the tile are skipped, never loaded.
+    lq_full = (Lq // BLOCK_M) * BLOCK_M
+    diag_lo = 0
+    diag_hi = 0
+    if CAUSAL:
+        diag_lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
+        diag_hi = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - q_offset, 0), BLOCK_M) * BLOCK_M
+        diag_hi = tl.minimum(tl.maximum(diag_hi, diag_lo), tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+    mid_hi = tl.maximum(lq_full, diag_hi)
+    # each query head of the group adds into the same dK/dV tile: the GQA sum, without atomics
+    for g in range(0, GROUP):
+        h = hkv * GROUP + g
+        bh = b * H + h
+        slope_l2 = 0.0
+        if HAS_SLOPES:
+            slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
+        Qh = Q + b * sqb + h * sqh
+        dOh = dO + b * sdob + h * sdoh
+        LSEh = LSE + bh * Lq
+        Dh = Delta + bh * Lq
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k, offs_m,
+                             offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
+                             BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k, offs_m,
+                             offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False,
+                             BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k, offs_m,
+                             offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
+                             BLOCK_M, BLOCK_D)
+    tl.store(dK + b * sdkb + hkv * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
+             (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
+    tl.store(dV + b * sdvb + hkv * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
+             dv.to(dV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale,
+              slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    d_ok = offs_d < D
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_k = start_n + offs_n
+        pos_k = offs_k.to(tl.float32)
+        kT_ptrs = K + offs_k[None, :] * skn + offs_d[:, None]
+        vT_ptrs = V + offs_k[None, :] * svn + offs_d[:, None]
+        if MASKED:
+            k_ok = offs_k < Lk
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        elif BLOCK_D == D:
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
+        else:
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
+        s = _scores(q, kT, pos_b, pos_k, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        p = tl.math.exp2(s - lse[:, None])
+        if MASKED:
+            ok = (offs_k < Lk)[None, :]
+            if CAUSAL:
+                ok = ok & (pos_k[None, :] <= pos_q[:, None])
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kT.dtype), tl.trans(kT))
+        if NEED_DSLOPES:
+            # d(score)/d(slope) = -distance. Summing ds * distance directly would multiply the rounding
+            # of delta (it comes from the stored low-precision O) by distances up to 64k; instead keep
+            # the three row sums whose combination X - Z * Y uses the exact delta Z = sum p * dp.
+            dist = pos_b[:, None] - pos_k[None, :]
+            if not CAUSAL:
+                dist = tl.abs(dist)
+            pdp = p * dp
+            sx += tl.sum(pdp * dist, 1)
+            sy += tl.sum(p * dist, 1)
+            sz += tl.sum(pdp, 1)
+    return dq, sx, sy, sz
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
+               sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
+               H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
+               CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
+    mask = m_ok[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(dO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=mask, other=0.0)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=m_ok, other=0.0)
+    K += b * skb + hkv * skh
+    V += b * svb + hkv * svh
+    slope_l2 = 0.0
+    if HAS_SLOPES:
+        slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
+    pos_q = (q_offset + offs_m).to(tl.float32)
+    pos_b = _bias_positions(q_offset + offs_m, Lk)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    sx = tl.zeros([BLOCK_M], tl.float32)
+    sy = tl.zeros([BLOCK_M], tl.float32)
+    sz = tl.zeros([BLOCK_M], tl.float32)
+    full_end = (Lk // BLOCK_N) * BLOCK_N
+    hi = Lk
+    if CAUSAL:
+        full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
+    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, 0, full_end, pos_q, pos_b,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               False, BLOCK_N, BLOCK_D)
+    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, full_end, hi, pos_q, pos_b,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               True, BLOCK_N, BLOCK_D)
+    tl.store(dQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
+             (dq * sm_scale).to(dQ.dtype.element_ty), mask=mask)
+    if NEED_DSLOPES:
+        # one partial per query row; the launcher sums rows and batch (a tiny (B, H, Lq) reduction)
+        tl.store(dSl + bh * Lq + offs_m, sz * sy - sx, mask=m_ok)
+
+
+_dkdv = triton.autotune(_DKDV_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"],
+                        prune_configs_by={"early_config_prune": _prune_for_smem})(_dkdv_kernel)
+_dq = triton.autotune(_DQ_CONFIGS,
+                      key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES", "NEED_DSLOPES"],
+                      prune_configs_by={"early_config_prune": _prune_for_smem})(_dq_kernel)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _bucket(n: int) -> int:
+    # autotune once per power-of-two length band, not once per prefill length
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
+             scale: float) -> tuple[Tensor, Tensor]:
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
+    has_slopes = slopes is not None
+    sl = slopes if has_slopes else lse  # any pointer; never read without HAS_SLOPES
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    _fwd[grid](q, k, v, sl, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+               H, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, D, _bucket(Lq), _bucket(Lk),
+               CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=_block_d(D))
+    return o, lse
+
+
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
+              causal: bool, q_offset: int, scale: float, need_dslopes: bool
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    block_d = _block_d(D)
+    do = _last_dim_contiguous(do)
+    delta = torch.empty_like(lse)
+    _delta_kernel[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *_strides(o), *_strides(do), H, Lq, D,
+                                                BLOCK_M=64, BLOCK_D=block_d)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    has_slopes = slopes is not None
+    sl = slopes if has_slopes else lse
+    dsl = torch.empty_like(lse) if need_dslopes else lse
+    qk_scale = scale * _LOG2E
+    buckets = (_bucket(Lq), _bucket(Lk))
+    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+    _dkdv[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
+                   *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
+                   scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
+    grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    _dq[grid_q](q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
+                CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
+    dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
+    return dq, dk, dv, dslopes
+
+
+class _TritonAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
+                scale: float) -> Tensor:
+        sl32 = None if slopes is None else slopes.detach().to(torch.float32).contiguous()
+        o, lse = _forward(q, k, v, sl32, causal, q_offset, scale)
+        ctx.save_for_backward(q, k, v, o, lse, sl32)
+        ctx.args = (causal, q_offset, scale)
+        ctx.slopes_dtype = None if slopes is None else slopes.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse, sl32 = ctx.saved_tensors
+        causal, q_offset, scale = ctx.args
+        need_dslopes = sl32 is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dsl = _backward(do, q, k, v, o, lse, sl32, causal, q_offset, scale, need_dslopes)
+        if dsl is not None:
+            dsl = dsl.to(ctx.slopes_dtype)
+        return dq, dk, dv, dsl, None, None, None
+
+
+def supports(q: Tensor) -> bool:
+    """Whether the fused kernel handles q's device, dtype and head dim (the "auto" backend asks this)."""
+    return (q.is_cuda or _INTERPRET) and q.dtype in _DTYPES and q.shape[-1] in HEAD_DIMS
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"the triton attention kernel takes float16 or bfloat16 inputs, got {q.dtype}; "
+                         "use backend='sdpa' or 'reference' for other dtypes")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"the triton attention kernel supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
+    if k.shape[2] == 0:
+        raise ValueError("attention over zero keys is undefined")
+    if not (q.is_cuda or _INTERPRET):
+        raise ValueError(f"the triton attention kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,
+                     q_offset: int = 0, scale: float | None = None) -> Tensor:
+    """Fused attention with an in-kernel ALiBi bias; arguments and layout as `alibi_lm.attention`.
+
+    Few queries over a cache (Lq <= DECODE_MAX_QUERIES) with no gradient wanted take the split-K
+    decoding kernel; everything else the flash kernel, differentiable in q, k, v and slopes."""
+    _validate(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.shape[2] == 0:
+        return torch.empty_like(q)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    wants_grad = torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad or (slopes is not None and slopes.requires_grad))
+    if not wants_grad and q.shape[2] <= DECODE_MAX_QUERIES:
+        from alibi_lm.kernels.triton_decode import triton_decode
+
+        return triton_decode(q, k, v, slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
+    return _TritonAttention.apply(q, k, v, slopes, causal, q_offset, scale)
+
+
+def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,
+                  q_offset: int = 0, scale: float | None = None) -> Tensor:
+    """The flash forward kernel alone, whatever Lq (tests and benchmarks compare it with decoding)."""
+    _validate(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    sl32 = None if slopes is None else slopes.detach().to(torch.float32).contiguous()
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _forward(q, k, v, sl32, causal, q_offset, scale)[0]
+

@@ -1,0 +1,142 @@
+"""The fused Triton attention kernel against float64, forward and all gradients (slopes included).
+
+On a CPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small
+shapes; the `gpu` tests compile the kernels for real on larger ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from _attention_check import Case, check, make_inputs, max_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alibi_lm.kernels import attention
+from alibi_lm.kernels.reference import attention_reference
+from alibi_lm.kernels.triton_attention import flash_forward, supports, triton_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+bf16, fp16 = torch.bfloat16, torch.float16
+CASES = [
+    Case(1, 1, 1, 1, 1, 16),  # a single token
+    Case(2, 3, 3, 17, 17, 32, slopes="trainable"),
+    Case(1, 12, 4, 17, 130, 32, q_offset=113, slopes="trainable"),  # chunked prefill, GQA 12/4
+    Case(1, 6, 1, 130, 130, 64),  # MQA, ragged tail past two blocks
+    Case(1, 3, 3, 130, 130, 16, causal=False, slopes="trainable"),
+    Case(1, 12, 12, 17, 17, 16, causal=False, slopes=None),
+    Case(1, 2, 2, 130, 130, 64, slopes=None, dtype=fp16),
+    Case(1, 3, 3, 17, 40, 64, causal=False, q_offset=7, slopes="trainable", dtype=fp16),
+    Case(1, 2, 1, 5, 20, 32, q_offset=30, slopes="trainable"),  # queries past the last key
+    Case(1, 2, 1, 17, 33, 80, q_offset=16),  # head dims padded to 128 inside the kernel
+    Case(1, 2, 2, 20, 20, 96, causal=False, dtype=fp16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_float64(case: Case) -> None:
+    check(case, triton_attention, device=DEVICE)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_long_offset_bias_is_exact(causal: bool) -> None:
+    """Queries ~64k tokens in: the fp32 in-tile distance keeps neighbouring keys apart."""
+    check(Case(1, 2, 2, 17, 70, 32, causal=causal, q_offset=65_500, slopes="trainable"), triton_attention,
+          device=DEVICE)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(
+    q_len=st.integers(1, 48),
+    extra_keys=st.integers(0, 40),
+    kv_heads=st.sampled_from([1, 2, 3]),
+    group=st.sampled_from([1, 2, 3]),
+    head_dim=st.sampled_from([16, 32, 64]),
+    causal=st.booleans(),
+    slopes=st.sampled_from([None, "alibi", "trainable"]),
+    dtype=st.sampled_from([bf16, fp16]),
+)
+def test_random_shapes(q_len: int, extra_keys: int, kv_heads: int, group: int, head_dim: int, causal: bool,
+                       slopes: str | None, dtype: torch.dtype) -> None:
+    # keys before the queries are a cache: q_offset = extra_keys, as in chunked prefill
+    case = Case(1, kv_heads * group, kv_heads, q_len, q_len + extra_keys, head_dim, causal=causal,
+                q_offset=extra_keys, slopes=slopes, dtype=dtype)
+    check(case, triton_attention, device=DEVICE)
+
+
+def test_dispatcher_routes_to_kernel() -> None:
+    case = Case(1, 3, 1, 20, 20, 32)
+    q, k, v, slopes = make_inputs(case, DEVICE)
+    ours = attention(q, k, v, slopes=slopes, backend="triton")
+    assert torch.equal(ours, flash_forward(q, k, v, slopes=slopes))
+    assert supports(q) == (q.dtype in (bf16, fp16))
+
+
+def test_decoding_route_matches_flash_forward() -> None:
+    """Without gradients, a few queries take the split-K path; it agrees with the flash kernel."""
+    case = Case(1, 4, 2, 3, 90, 64, q_offset=87)
+    q, k, v, slopes = make_inputs(case, DEVICE)
+    with torch.no_grad():
+        fast = triton_attention(q, k, v, slopes=slopes, q_offset=87)
+    flash = flash_forward(q, k, v, slopes=slopes, q_offset=87)
+    oracle = attention_reference(q.double(), k.double(), v.double(), slopes=slopes.double(), q_offset=87)
+    assert max_err(fast, oracle) <= 2 * max_err(flash, oracle) + 2**-8
+
+
+@pytest.mark.parametrize(("dtype", "head_dim", "match"), [(torch.float32, 32, "float16 or bfloat16"),
+                                                          (bf16, 48, "head dims")])
+def test_rejects_unsupported(dtype: torch.dtype, head_dim: int, match: str) -> None:
+    q = torch.randn(1, 1, 4, head_dim, dtype=dtype)
+    assert not supports(q)
+    with pytest.raises(ValueError, match=match):
+        triton_attention(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+GPU_CASES = (
+    [Case(2, 6, 2, 1000, 1000, d, slopes="trainable", dtype=dt) for dt in (bf16, fp16)
+     for d in (16, 32, 64, 80, 96, 128, 256)]
+    + [Case(1, 4, 4, 2048, 2048, 128, causal=False, slopes="trainable", dtype=dt) for dt in (bf16, fp16)]
+    + [Case(2, 8, 1, 4097, 4097, 64, slopes=None, dtype=bf16),
+       Case(1, 12, 4, 1500, 6000, 128, q_offset=4500, dtype=bf16),
+       Case(1, 2, 1, 16384, 16384, 128, slopes="trainable", dtype=bf16),
+       Case(1, 2, 1, 16384, 16384, 64, dtype=fp16)]
+)
+
+
+def _report(case: Case, errors: dict) -> None:
+    """Append this case's errors (max abs, and max abs over the oracle's max) for the closing note."""
+    path = os.environ.get("ALIBI_KERNEL_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"case": str(case), "errors": errors}) + "\n")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_matches_float64(case: Case) -> None:
+    errors: dict = {}
+    try:
+        check(case, triton_attention, device="cuda", report=errors)
+    finally:
+        _report(case, errors)
+
+
+@gpu
+@needs_cuda
+def test_gpu_long_offset_64k() -> None:
+    """A real prefill chunk at positions 65536..65663 over all 65664 keys, against float64."""
+    errors: dict = {}
+    case = Case(1, 4, 2, 128, 65_664, 64, q_offset=65_536, slopes="trainable")
+    try:
+        check(case, triton_attention, device="cuda", report=errors)
+    finally:
+        _report(case, errors)
