@@ -1,0 +1,229 @@
+"""BLOOM / MPT interop against transformers itself: tiny random models built here (no download),
+float32, seeded. Weights are re-drawn with a larger spread than the init so that attention is sharp
+and a wrong slope, layout or scale shows in the logits (the negative controls check that)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM, MptConfig, MptForCausalLM
+
+from alibi_lm.cli import main
+from alibi_lm.errors import UserError
+from alibi_lm.generate import generate
+from alibi_lm.hf import bloom_mismatches, bloom_model_config, export_bloom, import_hf
+from alibi_lm.model import ModelConfig, TransformerLM
+from alibi_lm.tokenizer import train_tokenizer
+
+TOL = 1e-4
+VOCAB = 61
+
+
+def sharpen(module: torch.nn.Module, seed: int, spread: float = 0.15) -> None:
+    """Seeded weights with `spread` around each tensor's init (norm gains stay near 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * spread)
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+def our_logits(model: TransformerLM, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)[0]
+
+
+def saved_bloom(tmp_path, n_heads: int, tie: bool = True) -> BloomForCausalLM:
+    torch.manual_seed(n_heads)
+    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=8 * n_heads, n_layer=2, n_head=n_heads,
+                                         tie_word_embeddings=tie)).eval()
+    sharpen(model, n_heads)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def our_bloom(n_heads: int = 6, seed: int = 0, tie: bool = True, spread: float = 0.15) -> TransformerLM:
+    torch.manual_seed(seed)
+    model = TransformerLM(bloom_model_config(VOCAB, 2, 8 * n_heads, n_heads, tie_embeddings=tie)).eval()
+    sharpen(model, seed, spread)
+    return model
+
+
+@pytest.mark.parametrize(("n_heads", "tie"), [(4, True), (6, False), (12, True)])
+def test_import_bloom_logits_equal_transformers(tmp_path, n_heads, tie):
+    theirs = saved_bloom(tmp_path, n_heads, tie)
+    ours, tokenizer, info = import_hf(tmp_path)
+    assert info["architecture"] == "bloom" and tokenizer is None
+    assert ours.cfg.tie_embeddings == tie and ours.cfg.slope_rule == "paper"
+    x = tokens(2, 37)
+    expected = hf_logits(theirs, x)
+    assert expected.std() > 0.5  # the logits are not near zero, so 1e-4 is a real bound
+    assert (our_logits(ours, x) - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(("n_heads", "clip_qkv", "softmax_scale"), [(4, None, None), (6, 0.6, None), (12, None, 0.2)])
+def test_import_mpt_logits_equal_transformers(tmp_path, n_heads, clip_qkv, softmax_scale):
+    torch.manual_seed(n_heads)
+    attn = {"clip_qkv": clip_qkv, "softmax_scale": softmax_scale}
+    theirs = MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=8 * n_heads, n_heads=n_heads, n_layers=2,
+                                      max_seq_len=64, attn_config=attn)).eval()
+    sharpen(theirs, n_heads)
+    theirs.save_pretrained(tmp_path)
+    ours, _, info = import_hf(tmp_path)
+    assert info["architecture"] == "mpt"
+    assert (ours.cfg.slope_rule, ours.cfg.bias, ours.cfg.qkv_clip, ours.cfg.attn_scale) == (
+        "mpt", False, clip_qkv, softmax_scale)
+    x = tokens(2, 40)
+    expected = hf_logits(theirs, x)
+    got = our_logits(ours, x)
+    assert (got - expected).abs().max() <= TOL
+    # negative controls: the slopes and each MPT-specific option are needed for the match
+    for change in [("alibi_max_bias", 4.0)] + ([("qkv_clip", None)] if clip_qkv else []) + \
+                  ([("attn_scale", None)] if softmax_scale else []):
+        wrong = TransformerLM(ModelConfig(**{**ours.cfg.to_dict(), change[0]: change[1]})).eval()
+        wrong.load_state_dict({k: v for k, v in ours.state_dict().items() if k != "position.slopes"}, strict=False)
+        assert (our_logits(wrong, x) - expected).abs().max() > 1e-3, change
+
+
+def test_import_mpt_keeps_alibi_bias_max(tmp_path):
+    model = MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=48, n_heads=6, n_layers=1, max_seq_len=32,
+                                     attn_config={"alibi_bias_max": 16}))
+    model.save_pretrained(tmp_path)
+    ours, _, info = import_hf(tmp_path)
+    # MosaicML's code uses alibi_bias_max; transformers' port always uses 8, and the note says so
+    assert ours.cfg.alibi_max_bias == 16 and info["train_len"] == 32
+    assert any("alibi_bias_max" in note for note in info["notes"])
+
+
+def test_export_loads_in_transformers_with_same_logits_and_tokenizer(tmp_path):
+    lines = ["the cat sat on the mat", "a dog sat on the log", "the cat saw a dog"]
+    tok = train_tokenizer("word", lines)
+    model = TransformerLM(bloom_model_config(tok.vocab_size, 2, 48, 6)).eval()
+    sharpen(model, 1)
+    out = export_bloom(model, tmp_path / "bloom", tokenizer=tok, train_len=16)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()}
+    theirs = BloomForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(0, tok.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    assert (our_logits(model, x) - hf_logits(theirs, x)).abs().max() <= TOL
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "the dog sat on the cat\na mat"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id is not None
+    assert json.loads((out / "config.json").read_text())["seq_length"] == 16
+
+
+def test_export_bytes_tokenizer_encodes_identically(tmp_path):
+    from alibi_lm.tokenizer import Tokenizer
+
+    tok = Tokenizer.bytes()
+    out = export_bloom(our_bloom(4), tmp_path / "b", tokenizer=tok)
+    text = "héllo, wörld\n  two  spaces"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tok.encode(text)
+
+
+def test_greedy_generation_matches_transformers_beyond_training_length(tmp_path):
+    # a random model soon repeats itself; this seed and spread keep three tokens in play
+    model = our_bloom(6, seed=2, spread=0.3)
+    out = export_bloom(model, tmp_path / "bloom", train_len=16)
+    theirs = BloomForCausalLM.from_pretrained(out).eval()
+    prompt = tokens(1, 10, seed=4)[0].tolist()
+    new = 40  # 50 tokens in all: three times the training length
+    ours = generate(model, [prompt], max_new_tokens=new, temperature=0)[0]
+    with torch.no_grad():
+        hf = theirs.generate(torch.tensor([prompt]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    assert ours == hf.sequences[0, len(prompt):].tolist()
+    assert len(set(ours)) >= 3
+    # and the distribution behind every greedy step, out to position 49, not only its argmax
+    full = torch.tensor([prompt + ours[:-1]])
+    steps = our_logits(model, full)[0, len(prompt) - 1:]
+    assert (steps - torch.cat(hf.scores)).abs().max() <= TOL
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    for tie in (True, False):
+        model = our_bloom(12, seed=5, tie=tie)
+        export_bloom(model, tmp_path / f"bloom{tie}", train_len=32)
+        back, _, info = import_hf(tmp_path / f"bloom{tie}")
+        assert info["train_len"] == 32 and back.cfg == model.cfg
+        mine, theirs = model.state_dict(), back.state_dict()
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_left_padded_batch_generation_equals_single_sequences(tmp_path):
+    model = our_bloom(6, seed=7)
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (5, 13, 9)]
+    batched = generate(model, prompts, max_new_tokens=12, temperature=0)
+    single = [generate(model, [p], max_new_tokens=12, temperature=0)[0] for p in prompts]
+    assert batched == single
+    # BLOOM, given the same left-padded batch and its attention mask, agrees
+    theirs = BloomForCausalLM.from_pretrained(export_bloom(model, tmp_path / "bloom")).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.no_grad():
+        hf = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[:, width:].tolist()
+    assert hf == batched
+
+
+def test_export_refuses_what_bloom_cannot_express(tmp_path):
+    cfg = ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=48, n_heads=6, n_kv_heads=2, norm="rmsnorm",
+                      activation="swiglu", alibi_max_bias=4.0, bias=False, d_ff=100)
+    with pytest.raises(UserError) as error:
+        export_bloom(TransformerLM(cfg), tmp_path / "x")
+    message = str(error.value)
+    assert "\n" not in message
+    for field in ("norm=", "activation=", "embed_norm=", "bias=", "n_kv_heads=", "alibi_max_bias=", "d_ff="):
+        assert field in message, field
+    assert not (tmp_path / "x").exists()
+    rotary = TransformerLM(bloom_model_config(VOCAB, 1, 32, 4, position="rotary"))
+    assert [m.split("=")[0] for m in bloom_mismatches(rotary)] == ["position"]
+    moved = TransformerLM(bloom_model_config(VOCAB, 1, 32, 4, trainable_slopes=True))
+    with torch.no_grad():
+        moved.position.slopes.mul_(1.1)
+    assert any("slopes moved" in m for m in bloom_mismatches(moved))
+    assert bloom_mismatches(our_bloom(12)) == []
+
+
+def _cli(argv, capsys) -> tuple[int, list[str]]:
+    capsys.readouterr()  # drop what setting up printed (transformers' progress bars)
+    code = main(argv)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_cli_import_rejects_bad_folders(tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    code, err = _cli(["import", str(gpt2), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "BLOOM and MPT" in err[0]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = _cli(["import", str(empty), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "no config.json" in err[0]
+
+    no_weights = tmp_path / "bloom"
+    saved_bloom(no_weights, 4)
+    (no_weights / "model.safetensors").unlink()
+    code, err = _cli(["import", str(no_weights), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "no weights" in err[0]
+
+    truncated = tmp_path / "truncated"
+    saved_bloom(truncated, 4)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    code, err = _cli(["import", str(truncated), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "truncated or corrupt" in err[0]
+    assert not (tmp_path / "out").exists()
