@@ -227,3 +227,30 @@ def test_cli_import_rejects_bad_folders(tmp_path, capsys):
     code, err = _cli(["import", str(truncated), str(tmp_path / "out")], capsys)
     assert code == 2 and len(err) == 1 and "truncated or corrupt" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_then_import_round_trip(tmp_path, capsys):
+    from alibi_lm.checkpoint import load_checkpoint, save_model_checkpoint
+
+    tok = train_tokenizer("word", ["the cat sat on the mat", "a dog sat on the log"])
+    model = TransformerLM(bloom_model_config(tok.vocab_size, 1, 24, 6)).eval()
+    sharpen(model, 9)
+    save_model_checkpoint(tmp_path / "ck", model, train_len=24, tokenizer=tok)
+    assert main(["export", str(tmp_path / "ck"), str(tmp_path / "hf"), "--format", "bloom"]) == 0
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = load_checkpoint(tmp_path / "back")
+    assert back.train_len == 24 and back.meta["imported_from"]["architecture"] == "bloom"
+    assert back.tokenizer is not None and back.tokenizer.encode("the dog sat") == tok.encode("the dog sat")
+    assert all(torch.equal(v, back.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+    # exporting over existing files, or a model BLOOM cannot express, is one line and exit code 2
+    code, err = _cli(["export", str(tmp_path / "ck"), str(tmp_path / "hf")], capsys)
+    assert code == 2 and len(err) == 1 and "--overwrite" in err[0]
+    save_model_checkpoint(tmp_path / "rope", TransformerLM(ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=24,
+                                                                       n_heads=6, position="rotary")), train_len=8)
+    code, err = _cli(["export", str(tmp_path / "rope"), str(tmp_path / "hf2")], capsys)
+    assert code == 2 and len(err) == 1
+    assert all(f in err[0] for f in ("position=", "activation=", "embed_norm="))
+    assert not (tmp_path / "hf2").exists()
+    code, err = _cli(["import", str(tmp_path / "hf"), str(tmp_path / "back")], capsys)
+    assert code == 2 and len(err) == 1 and "already exists" in err[0]
