@@ -279,3 +279,30 @@ def test_imported_models_run_on_the_triton_kernel(tmp_path, kind):
         our_bf16 = ours.cuda().to(torch.bfloat16)(x)[0].float()
     their_error = (their_bf16 - exact).abs().max().item()
     assert (our_bf16 - exact).abs().max().item() <= 2 * their_error + 1e-3
+
+
+def test_import_reads_sharded_bin_and_bare_layouts(tmp_path):
+    """Hub folders come sharded, as pytorch_model.bin, or (early BLOOM uploads) with the bare model's
+    tensor names and `n_embed` for the width; all import to the same model."""
+    from safetensors.torch import load_file, save_file
+
+    theirs = saved_bloom(tmp_path / "single", 6)
+    expected = our_logits(import_hf(tmp_path / "single")[0], tokens(1, 20))
+    state = load_file(str(tmp_path / "single" / "model.safetensors"))
+    config = json.loads((tmp_path / "single" / "config.json").read_text())
+
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text(json.dumps(config))
+
+    (tmp_path / "bare").mkdir()
+    bare_state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    save_file(bare_state, str(tmp_path / "bare" / "model.safetensors"))
+    bare = {("n_embed" if k == "hidden_size" else k): v for k, v in config.items()}
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(bare))
+
+    for layout in ("sharded", "bin", "bare"):
+        assert torch.equal(our_logits(import_hf(tmp_path / layout)[0], tokens(1, 20)), expected), layout
