@@ -194,9 +194,10 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer, model: nn.Module, paral
                                       options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = optimizer.state_dict()
-    flat = {f"{key}|{name}": value for key, state in sd["state"].items() for name, value in state.items()
+    # With full_state_dict + cpu_offload only rank 0 gets the state; the others get {} (they do not write).
+    flat = {f"{key}|{name}": value for key, state in sd.get("state", {}).items() for name, value in state.items()
             if isinstance(value, torch.Tensor)}
-    return flat, sd["param_groups"]
+    return flat, sd.get("param_groups", [])
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, parallel: str, flat: dict, groups: list,
@@ -402,6 +403,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool) 
 
     def save(step: int, valid_loss: float | None) -> Path:
         # All ranks take part (RNG gather, FSDP state gather); rank 0 writes.
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if not finite:
+            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
+            raise UserError(f"training diverged: the weights are not finite at step {step}{where} "
+                            "(lower optim.lr or raise schedule.warmup_steps)")
         rng = _rng_tensors(info)
         opt_flat, opt_groups = _optimizer_tensors(optimizer, model, cfg.run.parallel)
         state = _full_model_state(model, cfg.run.parallel)

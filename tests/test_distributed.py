@@ -1,0 +1,86 @@
+"""Two CPU ranks on gloo (torchrun) with batch b give the losses of one process with batch 2b; the
+DDP run resumes; FSDP2 (run.parallel = "fsdp") constructs and trains to the same losses."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from alibi_lm.checkpoint import load_checkpoint, step_checkpoints
+from alibi_lm.config import load_config
+from alibi_lm.data import prepare
+from alibi_lm.train import train
+
+STEPS = 6
+BASE = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.dropout=0.0", "data.train_len=32",
+        "data.valid_tokens=1024", f"run.steps={STEPS}", "run.log_every=1", "run.eval_every=3",
+        "run.checkpoint_every=3", "run.keep_last=5", "schedule.warmup_steps=2", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "embedded"
+    prepare("embedded", path, tokenizer="bytes", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("single")
+    cfg = load_config("tiny", BASE + [f"data.path={data_dir}", f"run.out_dir={out}", "data.batch_size=8"])
+    train(cfg, progress=False)
+    return _metrics(out)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _torchrun(data_dir, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alibi_lm",
+           "train", "--config", "tiny", "--no-progress", "--set", f"data.path={data_dir}",
+           "--set", f"run.out_dir={out}", "--set", "data.batch_size=4", *[a for s in BASE for a in ("--set", s)],
+           *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _metrics(out)
+
+
+def _assert_same(a, b, keys=("loss", "valid_loss")):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in ra or key in rb:
+                assert math.isclose(ra[key], rb[key], rel_tol=2e-5), (ra["step"], key, ra[key], rb[key])
+
+
+def test_two_gloo_ranks_match_one_process_with_double_batch_and_resume(tmp_path, data_dir, single):
+    out = tmp_path / "ddp"
+    ddp = _torchrun(data_dir, out)
+    _assert_same(ddp, single)
+    assert [p.name for p in step_checkpoints(out)] == ["step_00000003", "step_00000006"]
+    meta = load_checkpoint(out).meta
+    assert meta["world_size"] == 2 and {"rng_cpu_rank0", "rng_cpu_rank1"} <= set(
+        __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(out / "checkpoints/step_00000006/"
+                                                                               "train_state.safetensors")))
+    # Resume the 2-rank run from step 3: steps 4-6 come out as before.
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    resumed = _torchrun(data_dir, out, "--resume")
+    _assert_same(resumed, ddp, keys=("loss",))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in ddp]
+
+
+def test_fsdp2_constructs_and_matches_one_process(tmp_path, data_dir, single):
+    out = tmp_path / "fsdp"
+    fsdp = _torchrun(data_dir, out, "--set", "run.parallel=fsdp")
+    _assert_same(fsdp, single)
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["step"] == STEPS and ckpt.meta["optimizer_param_groups"]
+    shutil.rmtree(out / "checkpoints" / "step_00000006")
+    resumed = _torchrun(data_dir, out, "--set", "run.parallel=fsdp", "--resume")
+    _assert_same(resumed, fsdp, keys=("loss", "valid_loss"))

@@ -1,0 +1,158 @@
+"""Training: exact resume after SIGKILL, gradient accumulation, schedule, divergence, early stopping."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from alibi_lm.checkpoint import latest_checkpoint, load_checkpoint, step_checkpoints
+from alibi_lm.config import load_config
+from alibi_lm.data import prepare
+from alibi_lm.errors import UserError
+from alibi_lm.train import flops_per_token, lr_at, train
+
+TOML = """
+[model]
+vocab_size = 256
+n_layers = 2
+d_model = {d_model}
+n_heads = 4
+dropout = {dropout}
+[data]
+path = "{data}"
+train_len = {length}
+batch_size = 4
+valid_tokens = 2048
+[optim]
+lr = 3e-3
+[schedule]
+warmup_steps = 5
+[run]
+out_dir = "{out}"
+steps = {steps}
+log_every = 1
+eval_every = 10
+checkpoint_every = 3
+keep_last = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "embedded"
+    prepare("embedded", path, tokenizer="bytes", progress=False)
+    return path
+
+
+def _config_file(tmp_path, data_dir, out, *, steps=30, d_model=32, length=32, dropout=0.1):
+    path = tmp_path / f"cfg-{out}.toml"
+    path.write_text(TOML.format(data=data_dir, out=tmp_path / out, steps=steps, d_model=d_model, length=length,
+                                dropout=dropout))
+    return path
+
+
+def _losses(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def _cli(config, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "alibi_lm", "train", "--config", str(config), "--no-progress", *extra], env
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_bitwise_identical_losses(tmp_path, data_dir):
+    steps = 60
+    # Unbroken reference run (a subprocess too, so both use the same thread settings).
+    cmd, env = _cli(_config_file(tmp_path, data_dir, "ref", steps=steps, d_model=64, length=64))
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    reference = _losses(tmp_path / "ref")
+    assert sorted(reference) == list(range(1, steps + 1))
+
+    kill_at = random.Random().randint(4, steps - 10)
+    config = _config_file(tmp_path, data_dir, "broken", steps=steps, d_model=64, length=64)
+    cmd, env = _cli(config)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "broken" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count("\n") >= kill_at:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_after = max(_losses(tmp_path / "broken"))
+    assert killed_after < steps
+    assert latest_checkpoint(tmp_path / "broken") is not None, f"no checkpoint before the kill at step {killed_after}"
+
+    cmd, env = _cli(config, "--resume")
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    resumed = _losses(tmp_path / "broken")
+    assert resumed == reference  # every step, bit for bit (floats compared exactly)
+    assert [p.name for p in step_checkpoints(tmp_path / "broken")] == ["step_00000057", "step_00000060"]
+    ckpt = load_checkpoint(tmp_path / "broken")
+    assert ckpt.meta["step"] == steps and ckpt.tokenizer.kind == "bytes" and ckpt.train_len == 64
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, data_dir):
+    base = [f"data.path={data_dir}", "model.dropout=0.0", "run.steps=4", "run.log_every=1", "run.eval_every=0",
+            "run.checkpoint_every=0", "model.n_layers=1", "model.d_model=32", "data.train_len=16"]
+    big = train(load_config(str(_config_file(tmp_path, data_dir, "x")), base + [
+        f"run.out_dir={tmp_path / 'big'}", "data.batch_size=8"]), progress=False)
+    small = train(load_config(str(_config_file(tmp_path, data_dir, "x")), base + [
+        f"run.out_dir={tmp_path / 'acc'}", "data.batch_size=4", "data.grad_accum=2"]), progress=False)
+    a, b = _losses(big.run_dir), _losses(small.run_dir)
+    assert a.keys() == b.keys() and all(math.isclose(a[k], b[k], rel_tol=1e-5) for k in a)
+    assert big.tokens_per_second > 0 and big.peak_memory_bytes > 0
+    assert big.final_valid_loss is not None and math.isfinite(big.final_valid_loss)
+    record = json.loads((big.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["valid_word_ppl"] > record["valid_ppl"]  # bytes per word > 1
+    assert json.loads((big.run_dir / "config.json").read_text())["data"]["batch_size"] == 8
+
+
+def test_schedule_warmup_then_cosine_to_floor(tmp_path):
+    cfg = load_config("tiny", ["optim.lr=1.0", "schedule.warmup_steps=10", "run.steps=110",
+                               "schedule.min_lr_ratio=0.1"])
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+    cfg.schedule.kind = "linear"
+    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(35, cfg) == pytest.approx(1 - 0.9 * 0.25)
+
+
+def test_flops_per_token_counts_attention():
+    from alibi_lm.model import ModelConfig, TransformerLM
+
+    model = TransformerLM(ModelConfig(vocab_size=100, n_layers=2, d_model=32, n_heads=4))
+    n = model.num_parameters()
+    assert flops_per_token(model, 64) == 6 * n + 12 * 2 * 64 * 32
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    cfg = load_config(str(_config_file(tmp_path, data_dir, "nan", steps=20)), [
+        "optim.lr=1e30", "schedule.warmup_steps=0", "optim.grad_clip=0", "run.checkpoint_every=1",
+        "schedule.kind=constant"])
+    with pytest.raises(UserError, match="training diverged") as error:
+        train(cfg, progress=False)
+    kept = step_checkpoints(tmp_path / "nan")
+    assert "last good checkpoint" in str(error.value) or "no checkpoint was written" in str(error.value)
+    for path in kept:  # what was kept loads and holds finite weights
+        model = load_checkpoint(path).model
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_early_stopping_when_validation_stops_improving(tmp_path, data_dir):
+    cfg = load_config(str(_config_file(tmp_path, data_dir, "early", steps=50)), [
+        "run.eval_every=2", "run.patience=2", "run.min_delta=100", "run.checkpoint_every=0"])
+    result = train(cfg, progress=False)
+    # first evaluation sets the best; two more without a 100-nat improvement stop the run
+    assert result.stopped_early and result.steps == 6
+    assert result.best_checkpoint is not None and load_checkpoint(result.best_checkpoint).meta["step"] == 2
+    assert result.checkpoint.name == "step_00000006"
