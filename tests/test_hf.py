@@ -246,6 +246,9 @@ def test_cli_export_then_import_round_trip(tmp_path, capsys):
     # exporting over existing files, or a model BLOOM cannot express, is one line and exit code 2
     code, err = _cli(["export", str(tmp_path / "ck"), str(tmp_path / "hf")], capsys)
     assert code == 2 and len(err) == 1 and "--overwrite" in err[0]
+    code, err = _cli(["export", str(tmp_path / "ck"), str(tmp_path / "ck"), "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "never replaced" in err[0]
+    assert load_checkpoint(tmp_path / "ck").train_len == 24
     save_model_checkpoint(tmp_path / "rope", TransformerLM(ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=24,
                                                                        n_heads=6, position="rotary")), train_len=8)
     code, err = _cli(["export", str(tmp_path / "rope"), str(tmp_path / "hf2")], capsys)
