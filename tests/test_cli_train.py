@@ -1,0 +1,98 @@
+"""Bad input through the CLI: one clear line on stderr, exit code 2, no traceback, nothing deleted."""
+
+import pytest
+
+from alibi_lm.cli import main
+from alibi_lm.data import prepare
+
+TINY = ["model.n_layers=1", "model.d_model=32", "data.train_len=16", "data.batch_size=2", "run.steps=2",
+        "run.eval_every=0", "run.checkpoint_every=1", "data.valid_tokens=256"]
+
+
+def _fails(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "embedded"
+    prepare("embedded", path, tokenizer="bytes", progress=False)
+    return path
+
+
+def _train(data_dir, out, *sets, resume=False):
+    argv = ["train", "--config", "tiny", "--no-progress", "--set", f"data.path={data_dir}",
+            "--set", f"run.out_dir={out}"]
+    for s in [*TINY, *sets]:
+        argv += ["--set", s]
+    return argv + (["--resume"] if resume else [])
+
+
+def test_prepare_missing_empty_and_non_utf8(tmp_path, capsys):
+    _fails(capsys, ["prepare", str(tmp_path / "none.txt"), "-o", str(tmp_path / "o")], "no such file")
+    (tmp_path / "empty.txt").write_text("")
+    _fails(capsys, ["prepare", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "o")], "is empty")
+    (tmp_path / "latin1.txt").write_bytes("café crème\n".encode("latin-1"))
+    _fails(capsys, ["prepare", str(tmp_path / "latin1.txt"), "-o", str(tmp_path / "o")], "not UTF-8")
+    _fails(capsys, ["prepare", "wikitxt-2", "-o", str(tmp_path / "o")], "did you mean")
+    _fails(capsys, ["prepare", "embedded", "-o", str(tmp_path / "o"), "--tokenizer", "bpe", "--vocab-size", "0"],
+           "vocab size")
+
+
+def test_prepare_prints_counts(tmp_path, capsys):
+    assert main(["prepare", "embedded", "-o", str(tmp_path / "o"), "--tokenizer", "bytes", "--no-progress"]) == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_corpus_shorter_than_one_window(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("".join(f"line {i}\n" for i in range(40)))
+    assert main(["prepare", str(tmp_path / "short.txt"), "-o", str(tmp_path / "d"), "--tokenizer", "bytes",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    _fails(capsys, _train(tmp_path / "d", tmp_path / "run", "data.train_len=4096"), "fewer than one training window")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("data.train_len=0", "data.train_len must be a positive integer"),
+    ("data.batch_size=-1", "data.batch_size must be a positive integer"),
+    ("model.n_layer=2", 'did you mean "n_layers"'),
+    ("run.stpes=2", 'did you mean "steps"'),
+])
+def test_bad_settings(tmp_path, capsys, data_dir, setting, message):
+    _fails(capsys, _train(data_dir, tmp_path / "run", setting), message)
+
+
+def test_unknown_key_in_config_file_and_unknown_preset(tmp_path, capsys):
+    (tmp_path / "c.toml").write_text("[model]\nn_head = 4\n")
+    _fails(capsys, ["train", "--config", str(tmp_path / "c.toml")], 'did you mean "n_heads"')
+    _fails(capsys, ["train", "--config", "tinyy"], 'did you mean "tiny"')
+    _fails(capsys, _train(tmp_path / "nodata", tmp_path / "run", "data.source="), "alibi-lm prepare")
+
+
+def test_resume_errors_never_delete_checkpoints(tmp_path, capsys, data_dir):
+    run = tmp_path / "run"
+    assert main(_train(data_dir, run)) == 0
+    capsys.readouterr()
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000001", "step_00000002"]
+    # a second run into the same directory without --resume
+    _fails(capsys, _train(data_dir, run), "already has checkpoints")
+    # resume with a different model
+    _fails(capsys, _train(data_dir, run, "model.d_model=64", resume=True), "model config differs")
+    # nothing to resume
+    _fails(capsys, _train(data_dir, tmp_path / "empty", resume=True), "no checkpoint")
+    # truncated and corrupted checkpoints
+    weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True), "corrupt checkpoint")
+    (run / "checkpoints" / "step_00000002" / "meta.json").write_text("{")
+    _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True), "corrupt checkpoint")
+    _fails(capsys, ["train", "--config", str(run / "config.json")], "not valid TOML")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ckpts
+    assert weights.read_bytes() == data[: len(data) // 2]

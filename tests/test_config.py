@@ -1,0 +1,66 @@
+"""Config: presets load and build, overrides are typed by the field, unknown keys name the nearest."""
+
+import pytest
+import torch
+
+from alibi_lm.config import TrainConfig, load_config, presets
+from alibi_lm.errors import UserError
+from alibi_lm.model import TransformerLM
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "wt103-paper", "cc100-1.3b"])
+def test_every_preset_loads_and_builds_a_model(name):
+    cfg = load_config(name)
+    # The big ones are built on the meta device: shapes and parameter counts, no memory.
+    with torch.device("meta" if name != "tiny" else "cpu"):
+        model = TransformerLM(cfg.model)
+    n = model.num_parameters()
+    expected = {"tiny": (1e5, 2e5), "small": (1.0e8, 1.2e8), "wt103-paper": (4.7e8, 5.0e8),
+                "cc100-1.3b": (1.30e9, 1.32e9)}[name]
+    assert expected[0] < n < expected[1], n
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_presets_listed_and_repo_symlink_points_at_them():
+    from pathlib import Path
+
+    assert {"tiny", "small", "wt103-paper", "cc100-1.3b"} <= set(presets())
+    link = Path(__file__).resolve().parents[1] / "configs"
+    assert (link / "tiny.toml").is_file()
+    assert load_config(str(link / "tiny.toml")) == load_config("tiny")
+
+
+def test_overrides_are_typed_by_the_field():
+    cfg = load_config("tiny", ["model.position=sinusoidal", "run.compile=true", "optim.lr=1e-3",
+                               "data.train_len=128", "model.n_kv_heads=2", "model.d_ff=none", "run.steps=1_000"])
+    assert cfg.model.position == "sinusoidal" and cfg.run.compile is True and cfg.optim.lr == 1e-3
+    assert cfg.data.train_len == 128 and cfg.model.n_kv_heads == 2 and cfg.model.d_ff is None
+    assert cfg.run.steps == 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.n_layer=2", 'did you mean "n_layers"'),
+    ("modle.n_layers=2", 'did you mean "model"'),
+    ("data.train_len=abc", "data.train_len must be int"),
+    ("run.compile=maybe", "run.compile must be bool"),
+    ("data.train_len=0", "data.train_len must be a positive integer"),
+    ("data.batch_size=-4", "data.batch_size must be a positive integer"),
+    ("model.position=alibl", 'did you mean "alibi"'),
+    ("run.parallel=fsdp2", 'did you mean "fsdp"'),
+    ("n_layers=2", "section.key=value"),
+])
+def test_bad_overrides_are_user_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        load_config("tiny", [override])
+
+
+def test_unknown_key_in_toml_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[optim]\nlearning_rate = 1e-3\n")
+    with pytest.raises(UserError, match="unknown config key optim.learning_rate"):
+        load_config(str(path))
+    path.write_text("[optim\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_config(str(path))
+    with pytest.raises(UserError, match='did you mean "small"'):
+        load_config("smal")
