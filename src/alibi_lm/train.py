@@ -43,7 +43,7 @@ from alibi_lm.model import ModelConfig, TransformerLM, token_nll
 from alibi_lm.positions import Learned
 from alibi_lm.tokenizer import load_tokenizer
 
-__all__ = ["TrainResult", "build_optimizer", "flops_per_token", "lr_at", "train", "train_step"]
+__all__ = ["TrainResult", "build_optimizer", "flops_per_token", "lr_at", "step_batches", "train", "train_step"]
 
 
 @dataclass
@@ -265,6 +265,20 @@ def _check_same_model(saved: dict, current: ModelConfig, path: Path) -> None:
 # the loop
 
 
+def step_batches(tokens: np.ndarray, cfg: TrainConfig, step: int, info: D.DistInfo) -> list:
+    """The (inputs, targets) micro-batches this rank trains on at `step`, on its device."""
+    length, batch, accum, world = cfg.data.train_len, cfg.data.batch_size, cfg.data.grad_accum, info.world_size
+    starts = window_starts(len(tokens), length, world * batch * accum, seed=cfg.run.seed, step=step,
+                           mode=cfg.data.windows)
+    out = []
+    for micro in range(accum):
+        x, y = gather_windows(tokens, batch_rows(starts, micro=micro, rank=info.rank, world=world, batch=batch), length)
+        if info.device.type == "cuda":  # pinned, so that the copy does not stall the host
+            x, y = x.pin_memory(), y.pin_memory()
+        out.append((x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)))
+    return out
+
+
 def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> dict:
     path = Path(cfg.data.path)
     if not cfg.data.path:
@@ -393,13 +407,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool) 
     total_steps = cfg.run.steps
 
     def batches_for(step: int) -> list:
-        starts = window_starts(len(train_tokens), length, rows, seed=cfg.run.seed, step=step, mode=cfg.data.windows)
-        out = []
-        for micro in range(accum):
-            x, y = gather_windows(train_tokens, batch_rows(starts, micro=micro, rank=info.rank, world=world,
-                                                           batch=batch), length)
-            out.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
-        return out
+        return step_batches(train_tokens, cfg, step, info)
 
     def save(step: int, valid_loss: float | None) -> Path:
         # All ranks take part (RNG gather, FSDP state gather); rank 0 writes.
