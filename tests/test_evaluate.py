@@ -127,3 +127,69 @@ def test_model_mode_is_restored_and_inputs_checked():
         evaluate_lengths(model, tokens, [16], mode="sliding", stride=17, progress=False)
     with pytest.raises(UserError, match="at least 2 tokens"):
         evaluate_lengths(model, tokens[:1], [16], progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_data(tmp_path_factory):
+    """A prepared byte-level corpus and a checkpoint of an untrained model that claims train_len 16."""
+    from alibi_lm.checkpoint import save_model_checkpoint
+    from alibi_lm.data import prepare
+    from alibi_lm.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text("".join(f"line {i}: the quick brown fox {i * 7 % 13}\n" for i in range(400)))
+    prepare(str(root / "corpus.txt"), root / "data", tokenizer="bytes", progress=False)
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, position="alibi"))
+    save_model_checkpoint(root / "ckpt", model, train_len=16, tokenizer=Tokenizer.bytes())
+    return root / "ckpt", root / "data"
+
+
+def test_evaluate_command_writes_results_and_table(checkpoint_and_data, tmp_path, capsys):
+    import json
+
+    from alibi_lm.cli import main
+    from alibi_lm.data import load_tokens, read_meta
+
+    ckpt, data = checkpoint_and_data
+    out = tmp_path / "eval.json"
+    rc = main(["evaluate", str(ckpt), "--data", str(data), "--lengths", "16,64", "--mode", "both", "--stride", "8",
+               "-o", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "nonoverlapping" in printed and "sliding window (stride 8)" in printed and "word-level" in printed
+    results = json.loads(out.read_text())
+    assert results["format"] == "alibi-lm-eval" and results["train_len"] == 16 and results["split"] == "test"
+    assert results["model"]["position"] == "alibi" and results["checkpoint"] == str(ckpt)
+    assert [(e["mode"], e["length"], e["stride"]) for e in results["evaluations"]] == [
+        ("nonoverlapping", 16, 16), ("nonoverlapping", 64, 64), ("sliding", 16, 8), ("sliding", 64, 8)]
+    test = load_tokens(data, "test")
+    assert all(e["tokens"] == len(test) - 1 for e in results["evaluations"])
+    words = read_meta(data)["splits"]["test"]["words"]
+    first = results["evaluations"][0]
+    assert first["word_ppl"] == pytest.approx(math.exp(first["nll_sum"] / words))
+    assert len(first["loss_by_position"]) == 16
+    # the same numbers as the library call on the same tokens
+    model = tiny_ckpt_model(ckpt)
+    direct = evaluate_lengths(model, test, [64], progress=False)["records"][0]
+    assert results["evaluations"][1]["nll_sum"] == pytest.approx(direct["nll_sum"], rel=1e-6)
+
+
+def tiny_ckpt_model(path):
+    from alibi_lm.checkpoint import load_checkpoint
+
+    return load_checkpoint(path).model
+
+
+def test_evaluate_command_defaults_and_errors(checkpoint_and_data, capsys):
+    from alibi_lm.cli import main
+
+    ckpt, data = checkpoint_and_data
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--split", "valid", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    for n in (16, 32, 64, 128, 256):  # L..16L
+        assert f" {n}" in printed.splitlines()[1]
+    assert main(["evaluate", str(ckpt), "--no-progress"]) == 2  # no run config to find the data in
+    assert "pass --data" in capsys.readouterr().err
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--lengths", "a,b"]) == 2
+    assert main(["evaluate", str(data), "--data", str(data)]) == 2

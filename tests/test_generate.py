@@ -93,3 +93,19 @@ def test_bad_arguments_are_user_errors():
         generate(model, [[99]], max_new_tokens=1)
     with pytest.raises(UserError, match="at least one token"):
         generate(model, [[]], max_new_tokens=1)
+
+
+def test_generate_command_streams_text(tmp_path, capsys):
+    from alibi_lm.checkpoint import save_model_checkpoint
+    from alibi_lm.cli import main
+    from alibi_lm.tokenizer import Tokenizer
+
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, position="alibi"))
+    save_model_checkpoint(tmp_path / "ckpt", model, train_len=16, tokenizer=Tokenizer.bytes())
+    args = ["generate", str(tmp_path / "ckpt"), "--prompt", "héllo", "--max-new-tokens", "40", "--temperature", "0"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    expected = generate(model, [list("héllo".encode())], max_new_tokens=40, temperature=0)[0]
+    assert printed == "héllo" + bytes(expected).decode("utf-8", errors="replace") + "\n"
+    assert main([*args[:2], "--prompt", "x", "--top-p", "2"]) == 2

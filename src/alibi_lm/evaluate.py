@@ -41,9 +41,12 @@ from torch import Tensor
 from alibi_lm.errors import UserError
 from alibi_lm.model import TransformerLM, token_nll
 
-__all__ = ["MODES", "evaluate_lengths", "plan_windows", "window_nll"]
+__all__ = ["MODES", "RESULTS_FORMAT", "default_lengths", "evaluate_lengths", "evaluate_model", "plan_windows",
+           "window_nll"]
 
 MODES = ("nonoverlapping", "sliding")
+#: the "format" field of a results document (what `alibi-lm plot` reads; plots.FORMAT is the same)
+RESULTS_FORMAT = "alibi-lm-eval"
 
 #: logits are scored in slices of this many positions, to bound the float32 copy in token_nll
 _NLL_SLICE = 2048
@@ -210,3 +213,53 @@ def evaluate_lengths(
         model.train(was_training)
     return {"mode": mode, "stride": stride if mode == "sliding" else None, "split_tokens": len(array),
             "words": word_count, "records": records}
+
+
+def default_lengths(train_len: int) -> list[int]:
+    """L, 2L, 4L, 8L, 16L: the paper's extrapolation range for a model trained on L tokens."""
+    return [train_len * k for k in (1, 2, 4, 8, 16)]
+
+
+def evaluate_model(
+    model: TransformerLM,
+    tokens: Sequence[int] | np.ndarray | Tensor,
+    *,
+    train_len: int,
+    lengths: Sequence[int] | None = None,
+    modes: Sequence[str] = ("nonoverlapping",),
+    stride: int = 1,
+    word_count: int | None = None,
+    label: str | None = None,
+    max_batch_tokens: int = 16384,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """Evaluate every mode at every length and return the results document that `alibi-lm evaluate -o`
+    writes and `alibi-lm plot` reads: {"format", "format_version", "label", "position", "train_len",
+    "model", "parameters", "split_tokens", "words", "evaluations": [records], "date", "device", **extra}.
+    In sliding mode, lengths below the stride use stride = length (a stride cannot exceed the window)."""
+    lengths = list(lengths) if lengths else default_lengths(train_len)
+    device = next(model.parameters()).device
+    evaluations: list[dict] = []
+    for mode in modes:
+        for length in lengths:
+            step = min(stride, length) if mode == "sliding" else 1
+            out = evaluate_lengths(model, tokens, [length], mode=mode, stride=step, word_count=word_count,
+                                   max_batch_tokens=max_batch_tokens, progress=progress)
+            evaluations += out["records"]
+    return {
+        "format": RESULTS_FORMAT,
+        "format_version": 1,
+        "label": label or f"{model.cfg.position} L={train_len}",
+        "position": model.cfg.position,
+        "train_len": train_len,
+        "model": model.cfg.to_dict(),
+        "parameters": model.num_parameters(),
+        "split_tokens": len(_as_array(tokens)),
+        "words": word_count,
+        "device": str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(extra or {}),
+        "evaluations": evaluations,
+    }

@@ -1,0 +1,150 @@
+"""`alibi-lm evaluate`: perplexity of a checkpoint at several evaluation lengths."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "evaluate"
+HELP = "perplexity at several evaluation lengths (nonoverlapping and sliding window)"
+ORDER = 40
+DESCRIPTION = """\
+Perplexity of a checkpoint on a split of its prepared data at several evaluation lengths
+(default: L, 2L, 4L, 8L, 16L of the training length L), as in the paper:
+
+  nonoverlapping  the split is cut into consecutive windows of the evaluation length; each token
+                  sees only the tokens before it in its window (the paper's main results)
+  sliding         the model always reads a full window and scores its last --stride tokens;
+                  stride 1 (the default) is exact and slow: every token gets the whole window as
+                  context; a larger stride is an approximation that is stride times cheaper
+
+Every length scores the same tokens (all but the first of the split, a trailing partial window
+included), so the numbers are comparable. Word-level perplexity = exp(total NLL / words of the
+split, one per line included), the paper's WikiText convention; with a word tokenizer it is the
+token perplexity. The results (with the mean loss at each window position) go to -o as JSON for
+`alibi-lm plot`.
+
+Examples:
+  alibi-lm evaluate runs/small                               # test split, L..16L, nonoverlapping
+  alibi-lm evaluate runs/small --lengths 512,2048 --mode both --stride 64 -o eval.json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (its newest checkpoint)")
+    parser.add_argument("--data", default=None,
+                        help="prepared data directory (default: the one the model was trained on, from its run config)")
+    parser.add_argument("--split", default="test", help="train | valid | test (default: test)")
+    parser.add_argument("--lengths", default=None,
+                        help="comma-separated evaluation lengths (default: L,2L,4L,8L,16L of the training length)")
+    parser.add_argument("--mode", default="nonoverlapping", choices=("nonoverlapping", "sliding", "both"),
+                        help="evaluation mode (default: nonoverlapping)")
+    parser.add_argument("--stride", type=int, default=1,
+                        help="sliding window: tokens scored per forward pass (default: 1, exact)")
+    parser.add_argument("--max-tokens", type=int, default=0,
+                        help="evaluate only the first N tokens of the split (default: all)")
+    parser.add_argument("--batch-tokens", type=int, default=16384,
+                        help="input tokens per forward pass; lower it if memory runs out (default: 16384)")
+    parser.add_argument("--label", default=None, help="name of this run in tables and plots")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("-o", "--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def parse_lengths(text: str) -> list[int]:
+    from alibi_lm.errors import UserError
+
+    lengths = []
+    try:
+        for item in (x.strip().lower() for x in text.split(",") if x.strip()):
+            # "2k" is 2048, as in the paper's figures
+            lengths.append(round(float(item[:-1]) * 1024) if item.endswith("k") else int(item))
+    except ValueError:
+        raise UserError(f"--lengths must be comma-separated integers like 512,1024,2k, got {text!r}") from None
+    if not lengths or any(n < 1 for n in lengths):
+        raise UserError(f"--lengths must be positive integers, got {text!r}")
+    return lengths
+
+
+def resolve_device(name: str):
+    import torch
+
+    from alibi_lm.errors import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def find_data_dir(checkpoint_path: Path, meta: dict) -> Path | None:
+    """The prepared directory a checkpoint was trained on: from its metadata, or the run's config.json."""
+    candidates = [meta.get("data_path"), (meta.get("train_config") or {}).get("data", {}).get("path")]
+    for config_file in (checkpoint_path / "config.json", checkpoint_path.parent / "config.json",
+                        checkpoint_path.parent.parent / "config.json"):
+        if config_file.is_file():
+            try:
+                candidates.append(json.loads(config_file.read_text()).get("data", {}).get("path"))
+            except (json.JSONDecodeError, AttributeError):
+                pass
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "meta.json").is_file():
+            return Path(candidate)
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from alibi_lm.checkpoint import load_checkpoint
+    from alibi_lm.data import load_tokens, read_meta
+    from alibi_lm.errors import UserError
+    from alibi_lm.evaluate import default_lengths, evaluate_model
+    from alibi_lm.plots import results_table
+
+    device = resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, device=device)
+    data_dir = Path(args.data) if args.data else find_data_dir(ckpt.path, ckpt.meta)
+    if data_dir is None:
+        raise UserError(f"cannot tell which data {ckpt.path} was trained on; pass --data PREPARED_DIR")
+    data_meta = read_meta(data_dir)
+    if data_meta["vocab_size"] > ckpt.config.vocab_size:
+        raise UserError(f"{data_dir} has a vocabulary of {data_meta['vocab_size']} but the model only "
+                        f"{ckpt.config.vocab_size}: it was prepared with another tokenizer")
+    tokens = load_tokens(data_dir, args.split)
+    words = data_meta["splits"][args.split].get("words")
+    if args.max_tokens:
+        if words:  # scale the word count with the share of the split that is read
+            words = round(words * min(1.0, args.max_tokens / len(tokens)))
+        tokens = tokens[: args.max_tokens]
+    if args.stride < 1:
+        raise UserError(f"--stride must be a positive integer, got {args.stride}")
+    train_len = ckpt.train_len
+    lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(train_len)
+    modes = ("nonoverlapping", "sliding") if args.mode == "both" else (args.mode,)
+    results = evaluate_model(
+        ckpt.model, tokens, train_len=train_len, lengths=lengths, modes=modes, stride=args.stride,
+        word_count=words, label=args.label,
+        max_batch_tokens=args.batch_tokens, progress=not args.no_progress,
+        extra={"checkpoint": str(ckpt.path), "data": str(data_dir), "split": args.split,
+               "tokenizer": data_meta.get("tokenizer"), "split_words": words, "step": ckpt.meta.get("step")})
+    word_level = data_meta.get("tokenizer") == "word"
+    unit = "word-level (word tokenizer)" if word_level else "token-level"
+    print(f"{ckpt.path}: {ckpt.config.position}, trained at L={train_len}; {args.split} split of {data_dir}, "
+          f"{len(tokens):,} tokens; {unit} perplexity")
+    print(results_table([results]), end="")
+    if not word_level and words:
+        print("word-level perplexity (total NLL / words):")
+        print(results_table([results], metric="word_ppl"), end="")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1) + "\n")
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return 0
