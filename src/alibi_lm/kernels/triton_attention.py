@@ -45,20 +45,17 @@ def _configs(hopper: list[tuple[int, int, int, int]], interpret: tuple[int, int]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in hopper]
 
 
-def _prune_for_smem(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # Wide heads (D=256) do not fit the deep pipelines of the 128-wide tiles in shared memory.
-    if named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 0)) <= 128 or _INTERPRET:
-        return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 and c.num_stages <= 2]
-    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-
-
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from FlashAttention-2 Triton practice on sm_90.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
                         (32, 16))
 # The dK/dV kernel keeps a key tile resident and streams queries; the dQ kernel the reverse.
 _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16))
+# D = 256: the tiles above overflow the 227 KiB of shared memory (and the fp32 accumulators the
+# registers), so wide heads get their own short lists with narrow tiles and shallow pipelines.
+_FWD_WIDE = _configs([(64, 32, 4, 2), (64, 64, 8, 2)], (32, 16))
+_DKDV_WIDE = _configs([(32, 32, 8, 1), (32, 64, 8, 1)], (16, 32))
+_DQ_WIDE = _configs([(64, 32, 8, 1), (32, 32, 4, 2)], (32, 16))
 
 
 # Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot; there the operands
@@ -84,15 +81,20 @@ def _bias_positions(pos_q, Lk):
 
 
 @triton.jit
-def _scores(q, kT, pos_b, pos_k, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
+def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
     """Scaled scores plus bias of one tile, log2 domain: rows are queries, columns keys."""
-    s = _dot(q, kT) * qk_scale
+    qk = _dot(q, kT)
     if HAS_SLOPES:
-        dist = pos_b[:, None] - pos_k[None, :]
-        if not CAUSAL:
-            dist = tl.abs(dist)
-        s = s - slope_l2 * dist
-    return s
+        if CAUSAL:
+            # -slope * (pos_b - pos_k) split into a row and a column term around the tile's first key:
+            # one fma and one add per score instead of a subtract, a multiply and an fma, and both
+            # terms stay as exact as the distance itself (small integers times the slope)
+            row = slope_l2 * (pos_b - start_n)
+            col = slope_l2 * (pos_k - start_n)
+            return qk * qk_scale + col[None, :] - row[:, None]
+        dist = tl.abs(pos_b[:, None] - pos_k[None, :])
+        return qk * qk_scale - slope_l2 * dist
+    return qk * qk_scale
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, pos_q, pos_
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = _scores(q, kT, pos_b, pos_k, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         if MASKED:
             ok = (offs_k < Lk)[None, :]
             if CAUSAL:
@@ -180,8 +182,9 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
              mask=m_ok[:, None] & d_ok[None, :])
 
 
-_fwd = triton.autotune(_FWD_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"],
-                       prune_configs_by={"early_config_prune": _prune_for_smem})(_fwd_kernel)
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"]
+_fwd = triton.autotune(_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
+_fwd_wide = triton.autotune(_FWD_WIDE, key=_KEY)(_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,7 +328,7 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, 
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
-        s = _scores(q, kT, pos_b, pos_k, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             ok = (offs_k < Lk)[None, :]
@@ -398,11 +401,10 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         tl.store(dSl + bh * Lq + offs_m, sz * sy - sx, mask=m_ok)
 
 
-_dkdv = triton.autotune(_DKDV_CONFIGS, key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"],
-                        prune_configs_by={"early_config_prune": _prune_for_smem})(_dkdv_kernel)
-_dq = triton.autotune(_DQ_CONFIGS,
-                      key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES", "NEED_DSLOPES"],
-                      prune_configs_by={"early_config_prune": _prune_for_smem})(_dq_kernel)
+_dkdv = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_dkdv_kernel)
+_dkdv_wide = triton.autotune(_DKDV_WIDE, key=_KEY)(_dkdv_kernel)
+_dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
+_dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,9 +437,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
     has_slopes = slopes is not None
     sl = slopes if has_slopes else lse  # any pointer; never read without HAS_SLOPES
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-    _fwd[grid](q, k, v, sl, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-               H, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, D, _bucket(Lq), _bucket(Lk),
-               CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=_block_d(D))
+    block_d = _block_d(D)
+    kernel = _fwd if block_d <= 128 else _fwd_wide
+    kernel[grid](q, k, v, sl, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                 H, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, D, _bucket(Lq), _bucket(Lk),
+                 CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
     return o, lse
 
 
@@ -460,13 +464,16 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     qk_scale = scale * _LOG2E
     buckets = (_bucket(Lq), _bucket(Lk))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
-    _dkdv[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-                   *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
-                   scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
+    wide = block_d > 128
+    kernel = _dkdv_wide if wide else _dkdv
+    kernel[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
+                    *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
+                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-    _dq[grid_q](q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
-                CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
+    kernel = _dq_wide if wide else _dq
+    kernel[grid_q](q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                   *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
+                   CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
     dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
     return dq, dk, dv, dslopes
 

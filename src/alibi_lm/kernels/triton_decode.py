@@ -22,7 +22,7 @@ __all__ = ["triton_decode"]
 
 _BLOCK_N = 64
 # Aim for this many programs per multiprocessor so each has loads in flight while others compute.
-_PROGRAMS_PER_SM = 2
+_PROGRAMS_PER_SM = 4
 
 
 @triton.jit
