@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         ("triton", _version("triton")),
         ("device", device),
         ("attention backends", ", ".join(available_backends())),
-        ("auto backend", "triton for fp16/bf16 on CUDA, else sdpa"),
+        ("auto backend", "triton for ALiBi in fp16/bf16 on CUDA, else sdpa"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -74,7 +74,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, q_offs
         raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
 
 
-def _auto_backend(q: Tensor, bias: Tensor | None) -> str:
+def _auto_backend(q: Tensor, slopes: Tensor | None, bias: Tensor | None) -> str:
+    # Without a bias, torch's SDPA (FlashAttention/cuDNN) is faster than our Triton kernel on the
+    # H100 (BENCHMARKS.md), so the fused kernel is used where it wins: whenever there are slopes.
+    if slopes is None:
+        return "sdpa"
     if q.is_cuda and bias is None and q.dtype in _HALF_DTYPES and triton_installed():
         from alibi_lm.kernels.triton_attention import supports
 
@@ -98,8 +102,8 @@ def attention(
     """Scaled dot-product attention with an ALiBi bias (slopes) or none (slopes=None).
 
     backend: "reference" (plain PyTorch, the ground truth), "sdpa" (torch SDPA with a materialised
-    bias), "triton" (fused kernel, bias computed in-kernel), or "auto" (Triton for fp16/bf16 on
-    CUDA, SDPA otherwise). `bias` is an optional extra additive tensor broadcastable to
+    bias), "triton" (fused kernel, bias computed in-kernel), or "auto" (Triton for ALiBi in
+    fp16/bf16 on CUDA; SDPA otherwise, including plain attention, where it is the faster kernel). `bias` is an optional extra additive tensor broadcastable to
     (B, H, Lq, Lk), for methods whose bias is not a function of the positions (T5); the fused
     kernel does not take one. Returns (B, H, Lq, D) in q's dtype.
     """
@@ -109,7 +113,7 @@ def attention(
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if backend == "auto":
-        backend = _auto_backend(q, bias)
+        backend = _auto_backend(q, slopes, bias)
     args = dict(slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
     if backend == "reference":
         return attention_reference(q, k, v, bias=bias, **args)
