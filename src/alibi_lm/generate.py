@@ -70,10 +70,11 @@ def _check(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_token
                         f"{longest}; lower --max-new-tokens")
 
 
-def _autocast(device: torch.device, model: TransformerLM):
-    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def _amp_dtype(device: torch.device, model: TransformerLM, requested: torch.dtype | str | None) -> torch.dtype | None:
+    """The autocast dtype: "auto" is bf16 for an fp32 model on CUDA (as in training), else none."""
+    if requested == "auto":
+        return torch.bfloat16 if device.type == "cuda" and next(model.parameters()).dtype == torch.float32 else None
+    return requested  # type: ignore[return-value]
 
 
 def _sample(logits: Tensor, generators: list[torch.Generator], temperature: float, top_k: int | None,
@@ -93,13 +94,15 @@ def _sample(logits: Tensor, generators: list[torch.Generator], temperature: floa
 
 def _generate_batch(model: TransformerLM, prompts: list[list[int]], generators: list[torch.Generator],
                     max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                    stop_id: int | None, on_token: Callable[[list[int | None]], None] | None) -> list[list[int]]:
+                    stop_id: int | None, on_token: Callable[[list[int | None]], None] | None,
+                    cache_dtype: torch.dtype | None) -> list[list[int]]:
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     padded = any(len(p) != width for p in prompts)
     tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
-    cache = model.new_cache(len(prompts), width + max_new_tokens)
+    # under autocast the keys and values come out in the autocast dtype, and the cache must match
+    cache = model.new_cache(len(prompts), width + max_new_tokens, dtype=cache_dtype)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     logits, _ = model(tokens, cache=cache, padding_mask=mask if padded else None)
@@ -135,6 +138,7 @@ def generate(
     seed: int = 0,
     on_token: Callable[[list[int | None]], None] | None = None,
     stop_id: int | None = None,
+    autocast_dtype: torch.dtype | str | None = "auto",
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens` tokens; return the new tokens.
 
@@ -142,11 +146,13 @@ def generate(
     filtered by top_k / top_p, and sampled with the per-prompt generator seeded `seed + index`.
     `on_token(tokens)` is called after every step with the new token of each prompt (None for a
     prompt that has stopped), for streaming. A prompt stops early after emitting `stop_id`.
+    autocast_dtype: "auto" (bf16 autocast for an fp32 model on CUDA), None (off) or a dtype.
     The model is put in eval mode for the call.
     """
     prompts = [[int(t) for t in p] for p in prompts]
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
+    amp = _amp_dtype(device, model, autocast_dtype)
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     if max_new_tokens == 0:
         return [[] for _ in prompts]
@@ -162,7 +168,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), _autocast(device, model):
+        amp_context = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+        with torch.inference_mode(), amp_context:
             for indices in index_groups:
                 if on_token is None or len(index_groups) == 1:
                     callback = on_token
@@ -174,7 +181,7 @@ def generate(
                             full[i] = t
                         on_token(full)
                 new = _generate_batch(model, [prompts[i] for i in indices], [generators[i] for i in indices],
-                                      max_new_tokens, temperature, top_k, top_p, stop_id, callback)
+                                      max_new_tokens, temperature, top_k, top_p, stop_id, callback, amp)
                 for i, tokens in zip(indices, new):
                     results[i] = tokens
     finally:
