@@ -72,6 +72,9 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
     test = load_tokens(data_dir, "test")
     words = data_meta["splits"]["test"].get("words")
 
+    import torch
+
+    eval_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if steps is None and quick:
         steps = QUICK_STEPS
     results, timings = [], {}
@@ -93,7 +96,7 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
         t0 = time.perf_counter()
         trained = train(cfg, progress=progress)
         train_seconds = time.perf_counter() - t0
-        ckpt = load_checkpoint(trained.checkpoint)
+        ckpt = load_checkpoint(trained.checkpoint, device=eval_device)
         lengths = [train_len * k for k in FACTORS]
         echo(f"evaluating {position} on the test split at {', '.join(map(str, lengths))} tokens ...")
         t0 = time.perf_counter()
