@@ -250,8 +250,9 @@ def write_report(out: Path) -> Path:
                   f"| run | test ppl at {s['train_len']} | train tokens/s | peak memory |", "|---|---|---|---|"]
         for name, r in ((f"alibi, L={a['train_len']}", a), (f"sinusoidal, L={s['train_len']}", s)):
             t = r["train"]
-            lines.append(f"| {name} | {at(r, s['train_len'])} | {t['tokens_per_second']:,.0f} | "
-                         f"{t['peak_memory_bytes'] / 2**30:.2f} GiB |")
+            tps = f"{t['tokens_per_second']:,.0f}" if t.get("tokens_per_second") else "-"
+            mem = f"{t['peak_memory_bytes'] / 2**30:.2f} GiB" if t.get("peak_memory_bytes") else "-"
+            lines.append(f"| {name} | {at(r, s['train_len'])} | {tps} | {mem} |")
         lines.append("")
     main = [results[n] for n in order if n != "alibi-256"]
     if main:
