@@ -219,6 +219,9 @@ def main() -> None:
             print(r["error"], flush=True)
             torch.cuda.empty_cache()
             continue
+        except Exception as error:  # one broken case (a compiler error, say) must not lose the others
+            print(f"  failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", flush=True)
+            continue
         results.append(r)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"  {r['tokens_per_second']:,.0f} tokens/s, MFU {mfu}, peak {r['peak_memory_gib'] or 0:.1f} GiB, "

@@ -103,9 +103,10 @@ def attention(
 
     backend: "reference" (plain PyTorch, the ground truth), "sdpa" (torch SDPA with a materialised
     bias), "triton" (fused kernel, bias computed in-kernel), or "auto" (Triton for ALiBi in
-    fp16/bf16 on CUDA; SDPA otherwise, including plain attention, where it is the faster kernel). `bias` is an optional extra additive tensor broadcastable to
-    (B, H, Lq, Lk), for methods whose bias is not a function of the positions (T5); the fused
-    kernel does not take one. Returns (B, H, Lq, D) in q's dtype.
+    fp16/bf16 on CUDA; SDPA otherwise, including plain attention, where it is the faster kernel).
+    `bias` is an optional extra additive tensor broadcastable to (B, H, Lq, Lk), for methods whose
+    bias is not a function of the positions (T5); the fused kernel does not take one.
+    Returns (B, H, Lq, D) in q's dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")

@@ -573,6 +573,11 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"the triton attention kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
 
 
+# torch.compile must not trace into the launchers: Inductor re-compiles user Triton kernels from their
+# source and fails on these (seen with torch 2.11 / Triton 3.6 on the H100, a CompilationError inside
+# _fwd_kernel). The kernels are already fused, so a graph break around each attention call costs only
+# the break itself.
+@torch.compiler.disable
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,
                      q_offset: int = 0, scale: float | None = None) -> Tensor:
     """Fused attention with an in-kernel ALiBi bias; arguments and layout as `alibi_lm.attention`.
