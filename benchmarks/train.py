@@ -80,6 +80,9 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
                  f"model.attention_backend={backend}", f"model.max_len={max(case['length'], 1024)}",
                  "schedule.warmup_steps=0", *extra_sets]
     cfg = load_config(case["preset"], overrides)
+    # Each case compiles from scratch: after a shape change Dynamo would otherwise recompile the
+    # previous case's graph with dynamic shapes, which is slower and not what a fresh run gets.
+    torch._dynamo.reset()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     torch.manual_seed(0)
