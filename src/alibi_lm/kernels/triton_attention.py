@@ -35,51 +35,27 @@ _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
 DECODE_MAX_QUERIES = 16
 
 
-def _configs(hopper: list[tuple], interpret: tuple[int, int]) -> list[triton.Config]:
-    """Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages[, head dims]) tuples; a tuple's optional
-    fifth entry is the set of BLOCK_D it is tried for (absent: every BLOCK_D), see `_prune_by_d`."""
+def _configs(hopper: list[tuple[int, int, int, int]], interpret: tuple[int, int]) -> list[triton.Config]:
     # The interpreter pays per block, not per element, and autotuning there would only multiply the
     # test time: one small config with BLOCK_M != BLOCK_N so the diagonal bookkeeping is exercised.
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": interpret[0], "BLOCK_N": interpret[1]}, num_warps=4, num_stages=1)]
     if not _AUTOTUNE:
         hopper = hopper[:1]
-    out = []
-    for m, n, w, s, *dims in hopper:
-        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        _CONFIG_DIMS[id(cfg)] = dims[0] if dims else None
-        out.append(cfg)
-    return out
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in hopper]
 
 
-_CONFIG_DIMS: dict[int, frozenset | None] = {}
-
-
-def _prune_by_d(configs, named_args, **kwargs):
-    """Autotune only the configs meant for this head dim (each list compiles every config it tries)."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-    kept = [c for c in configs if _CONFIG_DIMS.get(id(c)) is None or block_d in _CONFIG_DIMS[id(c)]]
-    return kept or configs[:1]
-
-
-_SMALL_D = frozenset((16, 32, 64))
-_BIG_D = frozenset((128,))
-# (BLOCK_M, BLOCK_N, num_warps, num_stages[, BLOCK_Ds]), from FlashAttention-2 Triton practice on sm_90.
-# The first entry of each list is the one pinned by ALIBI_TRITON_AUTOTUNE=0; it serves every head dim.
-# The 2026-11-25 H100 run picked 128x128/8 forward, 64x128/8 dK/dV, 128x64/8 dQ at D=128.
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3, _BIG_D), (128, 128, 8, 2, _BIG_D),
-                         (64, 64, 4, 3, _SMALL_D), (128, 64, 4, 4, _SMALL_D)], (32, 16))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from FlashAttention-2 Triton practice on sm_90.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                        (32, 16))
 # The dK/dV kernel keeps a key tile resident and streams queries; the dQ kernel the reverse.
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 128, 8, 2, _BIG_D), (64, 64, 4, 3, _SMALL_D),
-                          (32, 64, 4, 2, _SMALL_D), (64, 128, 4, 3, _SMALL_D)], (16, 32))
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2, _BIG_D), (64, 64, 4, 3, _SMALL_D),
-                        (64, 32, 4, 2, _SMALL_D), (128, 64, 4, 3, _SMALL_D)], (32, 16))
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16))
 # D = 256: the tiles above overflow the 227 KiB of shared memory (and the fp32 accumulators the
 # registers), so wide heads get their own short lists with narrow tiles and shallow pipelines.
 _FWD_WIDE = _configs([(64, 32, 4, 2), (64, 64, 8, 2)], (32, 16))
 _DKDV_WIDE = _configs([(32, 32, 8, 1), (32, 64, 8, 1)], (16, 32))
 _DQ_WIDE = _configs([(64, 32, 8, 1), (32, 32, 4, 2)], (32, 16))
-_PRUNE = {"early_config_prune": _prune_by_d}
 
 
 # Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot; there the operands
@@ -105,37 +81,20 @@ def _bias_positions(pos_q, Lk):
 
 
 @triton.jit
-def _scores_folded(q, kT, pos_b, pos_k, pos_c, qk_scale, slope_l2, CAUSAL: tl.constexpr,
-                   HAS_SLOPES: tl.constexpr):
-    """Scores of one tile up to a per-row constant, log2 domain: with the causal bias, the row term
-    -slope * (pos_b - pos_c) is left out (softmax ignores it; `_row_term` gives it back), so each
-    score costs one fma: qk * scale + slope * (pos_k - pos_c). pos_c is a position near the tile's
-    queries, so the scores that matter (keys near the diagonal) stay small and as exact as before."""
+def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
+    """Scaled scores plus bias of one tile, log2 domain: rows are queries, columns keys."""
     qk = _dot(q, kT)
     if HAS_SLOPES:
         if CAUSAL:
-            col = slope_l2 * (pos_k - pos_c)
-            return qk * qk_scale + col[None, :]
+            # -slope * (pos_b - pos_k) split into a row and a column term around the tile's first key:
+            # one fma and one add per score instead of a subtract, a multiply and an fma, and both
+            # terms stay as exact as the distance itself (small integers times the slope)
+            row = slope_l2 * (pos_b - start_n)
+            col = slope_l2 * (pos_k - start_n)
+            return qk * qk_scale + col[None, :] - row[:, None]
         dist = tl.abs(pos_b[:, None] - pos_k[None, :])
         return qk * qk_scale - slope_l2 * dist
     return qk * qk_scale
-
-
-@triton.jit
-def _row_term(pos_b, pos_c, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
-    """What `_scores_folded` left out of each row, to subtract: true score = folded - row term."""
-    if HAS_SLOPES and CAUSAL:
-        return slope_l2 * (pos_b - pos_c)
-    return tl.zeros_like(pos_b)
-
-
-@triton.jit
-def _query_tile(CAUSAL: tl.constexpr):
-    """Query tile of this program. Causal: the last tile (the most keys) first, so each head's heavy
-    tiles start early and the light ones fill the tail of the launch (blocks start in grid order)."""
-    if CAUSAL:
-        return tl.num_programs(0) - 1 - tl.program_id(0)
-    return tl.program_id(0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,8 +102,8 @@ def _query_tile(CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, pos_q, pos_b, pos_c, offs_n, offs_d, Lk,
-               D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D,
+               qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
@@ -162,7 +121,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, pos_q, pos_
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = _scores_folded(q, kT, pos_b, pos_k, pos_c, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         if MASKED:
             ok = (offs_k < Lk)[None, :]
             if CAUSAL:
@@ -184,7 +143,7 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
                 H, GROUP, Lq, Lk, q_offset, qk_scale, D, LQ_BUCKET, LK_BUCKET,
                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = _query_tile(CAUSAL) * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -203,8 +162,6 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
         slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
     pos_q = (q_offset + offs_m).to(tl.float32)
     pos_b = _bias_positions(q_offset + offs_m, Lk)
-    # the bias position of the tile's first query: reference of the folded scores
-    pos_c = tl.minimum(q_offset + start_m, Lk - 1).to(tl.float32)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -215,20 +172,18 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
     if CAUSAL:
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, 0, full_end, pos_q, pos_b, pos_c, offs_n,
-                               offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, full_end, hi, pos_q, pos_b, pos_c, offs_n,
-                               offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, 0, full_end, pos_q, pos_b, offs_n, offs_d, Lk,
+                               D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, full_end, hi, pos_q, pos_b, offs_n, offs_d,
+                               Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_N, BLOCK_D)
     acc = acc / l_i[:, None]
-    # the saved log-sum-exp is of the true scores (the backward kernels tile differently)
-    lse = (m_i - _row_term(pos_b, pos_c, slope_l2, CAUSAL, HAS_SLOPES)) + tl.math.log2(l_i)
-    tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
 
 _KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"]
-_fwd = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_fwd_kernel)
+_fwd = triton.autotune(_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
 _fwd_wide = triton.autotune(_FWD_WIDE, key=_KEY)(_fwd_kernel)
 
 
@@ -252,8 +207,8 @@ def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, pos_c, offs_m, offs_d, Lq, Lk,
-                q_offset, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D,
+                qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi)."""
     d_ok = offs_d < D
@@ -280,19 +235,13 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, pos_c
             lse = tl.load(LSE + rows)
             delta = tl.load(Delta + rows)
         # transposed tile: keys are rows here, so the bias distance is pos_q - pos_k along columns
-        qk = _dot(k, qT)
-        if HAS_SLOPES and CAUSAL:
-            # -slope * (pos_b - pos_k) split around pos_c (the key tile's first position): the key term
-            # is fixed for the program, the query term joins the log-sum-exp once per row, so each
-            # score costs one fma and one subtract
-            col = slope_l2 * (pos_k - pos_c)
-            lse = lse + slope_l2 * (pos_b - pos_c)
-            pT = tl.math.exp2(qk * qk_scale + col[:, None] - lse[None, :])
-        else:
-            sT = qk * qk_scale
-            if HAS_SLOPES:
-                sT = sT - slope_l2 * tl.abs(pos_b[None, :] - pos_k[:, None])
-            pT = tl.math.exp2(sT - lse[None, :])
+        sT = _dot(k, qT) * qk_scale
+        if HAS_SLOPES:
+            dist = pos_b[None, :] - pos_k[:, None]
+            if not CAUSAL:
+                dist = tl.abs(dist)
+            sT = sT - slope_l2 * dist
+        pT = tl.math.exp2(sT - lse[None, :])
         if MASKED and CAUSAL:
             pT = tl.where(pos_k[:, None] <= pos_q[None, :], pT, 0.0)
         dv += _dot(pT.to(do.dtype), do)
@@ -320,7 +269,6 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
     k = tl.load(K + b * skb + hkv * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * svb + hkv * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
     pos_k = offs_n.to(tl.float32)
-    pos_c = start_n.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -345,13 +293,13 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
         dOh = dO + b * sdob + h * sdoh
         LSEh = LSE + bh * Lq
         Dh = Delta + bh * Lq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k, pos_c, offs_m,
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k, offs_m,
                              offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
                              BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k, pos_c, offs_m,
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k, offs_m,
                              offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False,
                              BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k, pos_c, offs_m,
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k, offs_m,
                              offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
                              BLOCK_M, BLOCK_D)
     tl.store(dK + b * sdkb + hkv * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
@@ -361,8 +309,8 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
 
 
 @triton.jit
-def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, pos_c, offs_n, offs_d, Lk, D,
-              qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale,
+              slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
@@ -380,8 +328,7 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, 
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
-        # lse here is the folded one (true log-sum-exp plus the row term), see _dq_kernel
-        s = _scores_folded(q, kT, pos_b, pos_k, pos_c, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             ok = (offs_k < Lk)[None, :]
@@ -411,7 +358,7 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
                H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
                CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = _query_tile(CAUSAL) * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -432,9 +379,6 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
     pos_q = (q_offset + offs_m).to(tl.float32)
     pos_b = _bias_positions(q_offset + offs_m, Lk)
-    pos_c = tl.minimum(q_offset + start_m, Lk - 1).to(tl.float32)
-    # fold the row term into the log-sum-exp once per row instead of into every score
-    lse = lse + _row_term(pos_b, pos_c, slope_l2, CAUSAL, HAS_SLOPES)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     sx = tl.zeros([BLOCK_M], tl.float32)
     sy = tl.zeros([BLOCK_M], tl.float32)
@@ -445,10 +389,10 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
     dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, 0, full_end, pos_q, pos_b,
-                               pos_c, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
                                False, BLOCK_N, BLOCK_D)
     dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, full_end, hi, pos_q, pos_b,
-                               pos_c, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
                                True, BLOCK_N, BLOCK_D)
     tl.store(dQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=mask)
@@ -457,9 +401,9 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         tl.store(dSl + bh * Lq + offs_m, sz * sy - sx, mask=m_ok)
 
 
-_dkdv = triton.autotune(_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_dkdv_kernel)
+_dkdv = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_dkdv_kernel)
 _dkdv_wide = triton.autotune(_DKDV_WIDE, key=_KEY)(_dkdv_kernel)
-_dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES"], prune_configs_by=_PRUNE)(_dq_kernel)
+_dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 _dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 
 
