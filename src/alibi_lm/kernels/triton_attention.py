@@ -6,7 +6,7 @@ without the causal mask) is formed per tile in fp32 from integer positions, so n
 ever stored and the distance is exact up to 2^24 tokens.
 
 Layout of the file: block-range helpers -> forward kernel -> backward kernels (delta, dK/dV, dQ with
-dslopes) -> launchers -> autograd.Function -> `triton_attention` / `supports`.
+dslopes) -> launchers -> custom ops (forward with autograd, backward, decoding) -> `triton_attention` / `supports`.
 
 Scores are kept in the log2 domain (scale and slopes premultiplied by log2(e)) so the softmax uses
 exp2; the saved log-sum-exp is in the same domain.
@@ -15,6 +15,7 @@ exp2; the saved log-sum-exp is in the same domain.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -433,7 +434,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
-    lse = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     has_slopes = slopes is not None
     sl = slopes if has_slopes else lse  # any pointer; never read without HAS_SLOPES
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
@@ -478,26 +479,101 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     return dq, dk, dv, dslopes
 
 
-class _TritonAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
-                scale: float) -> Tensor:
-        sl32 = None if slopes is None else slopes.detach().to(torch.float32).contiguous()
-        o, lse = _forward(q, k, v, sl32, causal, q_offset, scale)
-        ctx.save_for_backward(q, k, v, o, lse, sl32)
-        ctx.args = (causal, q_offset, scale)
-        ctx.slopes_dtype = None if slopes is None else slopes.dtype
-        return o
+# ----------------------------------------------------------------------------------------------------
+# custom ops
+#
+# torch.compile must not trace into the launchers: Inductor re-compiles user Triton kernels from their
+# source and failed on these (torch 2.11 / Triton 3.6 on the H100, a CompilationError inside _fwd_kernel).
+# Registered as torch.library custom ops, the launchers are opaque to Dynamo and Inductor (called as
+# they are, never re-compiled) while the graph around them stays whole; the fake implementations give
+# the output shapes the compilers need. Inputs arrive validated; slopes, when given, are float32 (the
+# wrapper casts them, so autograd casts their gradient back to the slopes' dtype). The ops' schemas are
+# inferred from their type hints, written Optional[Tensor] as torch.library documents it.
 
-    @staticmethod
-    def backward(ctx, do: Tensor):
-        q, k, v, o, lse, sl32 = ctx.saved_tensors
-        causal, q_offset, scale = ctx.args
-        need_dslopes = sl32 is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dsl = _backward(do, q, k, v, o, lse, sl32, causal, q_offset, scale, need_dslopes)
-        if dsl is not None:
-            dsl = dsl.to(ctx.slopes_dtype)
-        return dq, dk, dv, dsl, None, None, None
+
+def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """What the kernels index: unit stride along the head dim, dense slopes. The wrapper already
+    hands such tensors over; under torch.compile the compiler chooses the layouts of the op's inputs,
+    so the real implementations make sure again (a no-op when they already are), and the fake ones
+    allocate their outputs from the same normalised layout."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return q, k, v, (None if slopes is None else slopes.contiguous())
+
+
+@torch.library.custom_op("alibi_lm::flash_attention_fwd", mutates_args=())
+def _flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], causal: bool, q_offset: int,  # noqa: UP045
+                  scale: float) -> tuple[Tensor, Tensor]:
+    """(out like q, lse float32 (B, H, Lq) in the log2 domain)."""
+    q, k, v, slopes = _kernel_layout(q, k, v, slopes)
+    return _forward(q, k, v, slopes, causal, q_offset, scale)
+
+
+@_flash_fwd_op.register_fake
+def _flash_fwd_fake(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
+                    scale: float) -> tuple[Tensor, Tensor]:
+    B, H, Lq, _ = q.shape
+    return torch.empty_like(_last_dim_contiguous(q)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("alibi_lm::flash_attention_bwd", mutates_args=())
+def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Optional[Tensor],  # noqa: UP045
+                  causal: bool, q_offset: int, scale: float, need_dslopes: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dslopes): dk and dv shaped like k and v (GQA), dslopes float32 (H,) when
+    need_dslopes, else an empty tensor (a custom op cannot return None)."""
+    q, k, v, slopes = _kernel_layout(q, k, v, slopes)
+    o, lse = _last_dim_contiguous(o), lse.contiguous()
+    dq, dk, dv, dsl = _backward(do, q, k, v, o, lse, slopes, causal, q_offset, scale, need_dslopes)
+    if dsl is None:
+        dsl = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dsl
+
+
+@_flash_bwd_op.register_fake
+def _flash_bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
+                    causal: bool, q_offset: int, scale: float, need_dslopes: bool
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n_sl = q.shape[1] if need_dslopes else 0
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty((n_sl,), dtype=torch.float32))
+
+
+def _flash_setup_context(ctx, inputs, output) -> None:
+    q, k, v, slopes, causal, q_offset, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, slopes)
+    ctx.args = (causal, q_offset, scale)
+
+
+def _flash_backward(ctx, do: Tensor, _dlse: Tensor | None):
+    # lse is an internal output (the public function returns only out), so its gradient is ignored
+    q, k, v, o, lse, slopes = ctx.saved_tensors
+    causal, q_offset, scale = ctx.args
+    need_dslopes = slopes is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dsl = _flash_bwd_op(do, q, k, v, o, lse, slopes, causal, q_offset, scale, need_dslopes)
+    return dq, dk, dv, (dsl if need_dslopes else None), None, None, None
+
+
+_flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+@torch.library.custom_op("alibi_lm::decode_attention", mutates_args=())
+def _decode_op(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], causal: bool, q_offset: int,  # noqa: UP045
+               scale: float) -> Tensor:
+    """The split-K decoding kernel (triton_decode.py), forward only: the wrapper takes it only when no
+    gradient is wanted."""
+    from alibi_lm.kernels.triton_decode import triton_decode
+
+    q, k, v, slopes = _kernel_layout(q, k, v, slopes)
+    return triton_decode(q, k, v, slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
+
+
+@_decode_op.register_fake
+def _decode_fake(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
+                 scale: float) -> Tensor:
+    return torch.empty_like(_last_dim_contiguous(q))
 
 
 def supports(q: Tensor) -> bool:
@@ -517,11 +593,6 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"the triton attention kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
 
 
-# torch.compile must not trace into the launchers: Inductor re-compiles user Triton kernels from their
-# source and fails on these (seen with torch 2.11 / Triton 3.6 on the H100, a CompilationError inside
-# _fwd_kernel). The kernels are already fused, so a graph break around each attention call costs only
-# the break itself.
-@torch.compiler.disable
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,
                      q_offset: int = 0, scale: float | None = None) -> Tensor:
     """Fused attention with an in-kernel ALiBi bias; arguments and layout as `alibi_lm.attention`.
@@ -536,10 +607,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None =
     wants_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (slopes is not None and slopes.requires_grad))
     if not wants_grad and q.shape[2] <= DECODE_MAX_QUERIES:
-        from alibi_lm.kernels.triton_decode import triton_decode
-
-        return triton_decode(q, k, v, slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
-    return _TritonAttention.apply(q, k, v, slopes, causal, q_offset, scale)
+        return _decode_op(q, k, v, slopes, causal, q_offset, scale)
+    # the cast is differentiable: autograd brings dslopes back to the slopes' own dtype
+    sl32 = None if slopes is None else slopes.to(torch.float32).contiguous()
+    return _flash_fwd_op(q, k, v, sl32, causal, q_offset, scale)[0]
 
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,

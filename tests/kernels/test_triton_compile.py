@@ -1,0 +1,114 @@
+"""The Triton kernels as torch.library custom ops: their registrations, and torch.compile through them.
+
+The ops keep Dynamo and Inductor out of the launchers (Inductor would re-compile the user Triton
+kernels) without a graph break per attention call. On a CPU the kernels run in Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _attention_check import Case, make_inputs
+
+from alibi_lm import ModelConfig, TransformerLM
+from alibi_lm.kernels import triton_attention as ta
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter is slow: schema, autograd registration and fake-tensor checks, plus one AOT trace
+# (forward and backward through the fake implementations) for the forward op.
+FAST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _inputs(slopes: str | None):
+    # GQA 4/2, a cache before the queries, a ragged tail: D = 16 keeps the interpreter quick
+    case = Case(1, 4, 2, 9, 13, 16, q_offset=4, slopes=slopes)
+    q, k, v, sl = make_inputs(case, DEVICE)
+    return q, k, v, sl, case
+
+
+@pytest.mark.parametrize("slopes", [None, "trainable"])
+def test_opcheck_forward(slopes: str | None) -> None:
+    q, k, v, sl, case = _inputs(slopes)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    if sl is not None:
+        sl.requires_grad_()
+    args = (q, k, v, sl, case.causal, case.q_offset, 0.25)
+    utils = (*FAST_UTILS, "test_aot_dispatch_dynamic") if slopes else FAST_UTILS
+    torch.library.opcheck(torch.ops.alibi_lm.flash_attention_fwd.default, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("need_dslopes", [False, True])
+def test_opcheck_backward(need_dslopes: bool) -> None:
+    q, k, v, sl, case = _inputs("trainable")
+    o, lse = torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, case.q_offset, 0.25)
+    do = torch.randn_like(o)
+    args = (do, q, k, v, o, lse, sl, True, case.q_offset, 0.25, need_dslopes)
+    torch.library.opcheck(torch.ops.alibi_lm.flash_attention_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    dq, dk, dv, dsl = torch.ops.alibi_lm.flash_attention_bwd(*args)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert dsl.shape == ((q.shape[1],) if need_dslopes else (0,)) and dsl.dtype == torch.float32
+
+
+def test_opcheck_decode() -> None:
+    q, k, v, sl, case = _inputs("alibi")
+    args = (q[:, :, :2], k, v, sl, True, 11, 0.25)
+    torch.library.opcheck(torch.ops.alibi_lm.decode_attention.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_model_matches_eager_without_graph_breaks() -> None:
+    """A tiny ALiBi LM on the triton backend: one graph, and the loss and every gradient (trainable
+    slopes included) as eager mode computes them."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=48, n_layers=1, d_model=32, n_heads=2, position="alibi", max_len=64,
+                      trainable_slopes=True, attention_backend="triton")
+    model = TransformerLM(cfg).to(DEVICE)
+    tokens = torch.randint(0, 48, (2, 41), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            return model(x, y)[1]
+
+    def loss_and_grads(fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = fn(inputs, targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss_fn)(inputs, targets)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+    eager_loss, eager_grads = loss_and_grads(loss_fn)
+    torch._dynamo.reset()
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
+    torch._dynamo.reset()
+    # the attention ops run the same kernels either way; Inductor may round the ops around them
+    # differently (measured: equal up to 1e-8 on the CPU), hence a small tolerance, not bitwise equality
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-4, rtol=1e-4)
+    assert set(compiled_grads) == set(eager_grads) and "position.slopes" in eager_grads
+    for name, want in eager_grads.items():
+        got = compiled_grads[name]
+        assert torch.isfinite(got).all(), name
+        tol = 1e-3 * want.abs().max().item() + 1e-7
+        assert (got - want).abs().max().item() <= tol, f"{name}: {(got - want).abs().max().item():.3e} > {tol:.3e}"
+
+
+def test_compiled_decoding_step_has_no_graph_break() -> None:
+    """Inference with a few queries takes the decoding op, also inside one graph."""
+    q, k, v, sl, case = _inputs("alibi")
+    q = q[:, :, :1]
+
+    def step(q, k, v):
+        return ta.triton_attention(q, k, v, slopes=sl, q_offset=12)
+
+    with torch.no_grad():
+        explained = torch._dynamo.explain(step)(q, k, v)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        got = torch.compile(step, fullgraph=True)(q, k, v)
+        torch._dynamo.reset()
+        assert torch.equal(got, step(q, k, v))
