@@ -42,3 +42,27 @@ def test_unknown_command_is_a_usage_error(capsys):
         main(["trane"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_one_line_and_exit_code_2(tmp_path, capsys):
+    from alibi_lm.data import prepare
+
+    source = tmp_path / "corpus.txt"
+    source.write_text("".join(f"line {i} of some text\n" for i in range(40)))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["prepare", str(source), "-o", str(blocker / "out"), "--tokenizer", "bytes", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("alibi-lm prepare: error: ") and str(blocker) in err[0]
+    assert blocker.read_text() == "x"
+    prepare(str(source), tmp_path / "data", tokenizer="bytes", progress=False)
+
+
+def test_closed_stdout_stops_quietly():
+    code = ("import sys; from alibi_lm import cli; from alibi_lm.commands import info; "
+            "info.run = lambda args: [print('x' * 1000, flush=True) for _ in range(10_000)] and 0; "
+            "sys.exit(cli.main(['info']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader went away, as with `alibi-lm generate ... | head`
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
