@@ -62,6 +62,9 @@ def test_corpus_shorter_than_one_window(tmp_path, capsys):
     ("data.batch_size=-1", "data.batch_size must be a positive integer"),
     ("model.n_layer=2", 'did you mean "n_layers"'),
     ("run.stpes=2", 'did you mean "steps"'),
+    ("run.device=gpu", "unknown device 'gpu'"),
+    pytest.param("run.device=cuda", "no CUDA device is available",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is present")),
 ])
 def test_bad_settings(tmp_path, capsys, data_dir, setting, message):
     _fails(capsys, _train(data_dir, tmp_path / "run", setting), message)
