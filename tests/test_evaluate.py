@@ -193,3 +193,19 @@ def test_evaluate_command_defaults_and_errors(checkpoint_and_data, capsys):
     assert "pass --data" in capsys.readouterr().err
     assert main(["evaluate", str(ckpt), "--data", str(data), "--lengths", "a,b"]) == 2
     assert main(["evaluate", str(data), "--data", str(data)]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lengths", "infk"], "--lengths must be comma-separated integers"),
+    (["--max-tokens", "-5"], "--max-tokens must be a positive integer"),
+    (["--batch-tokens", "0"], "--batch-tokens must be a positive integer"),
+    (["--stride", "0"], "--stride must be a positive integer"),
+    (["-o", "."], "is a directory"),
+])
+def test_evaluate_command_bad_options_fail_before_evaluating(checkpoint_and_data, capsys, args, message):
+    from alibi_lm.cli import main
+
+    ckpt, data = checkpoint_and_data
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--no-progress", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured.err

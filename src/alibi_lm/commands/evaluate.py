@@ -60,7 +60,7 @@ def parse_lengths(text: str) -> list[int]:
         for item in (x.strip().lower() for x in text.split(",") if x.strip()):
             # "2k" is 2048, as in the paper's figures
             lengths.append(round(float(item[:-1]) * 1024) if item.endswith("k") else int(item))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "infk"
         raise UserError(f"--lengths must be comma-separated integers like 512,1024,2k, got {text!r}") from None
     if not lengths or any(n < 1 for n in lengths):
         raise UserError(f"--lengths must be positive integers, got {text!r}")
@@ -106,6 +106,18 @@ def run(args: argparse.Namespace) -> int:
     from alibi_lm.evaluate import default_lengths, evaluate_model
     from alibi_lm.plots import results_table
 
+    for name in ("stride", "batch_tokens"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.max_tokens < 0:
+        raise UserError(f"--max-tokens must be a positive integer (or 0 for all), got {args.max_tokens}")
+    if args.lengths:
+        parse_lengths(args.lengths)
+    out = Path(args.out) if args.out else None
+    if out is not None:  # check the destination before the (long) evaluation, not after it
+        if out.is_dir():
+            raise UserError(f"-o {out} is a directory; give a file name such as {out / 'eval.json'}")
+        out.parent.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     data_dir = Path(args.data) if args.data else find_data_dir(ckpt.path, ckpt.meta)
@@ -121,8 +133,6 @@ def run(args: argparse.Namespace) -> int:
         if words:  # scale the word count with the share of the split that is read
             words = round(words * min(1.0, args.max_tokens / len(tokens)))
         tokens = tokens[: args.max_tokens]
-    if args.stride < 1:
-        raise UserError(f"--stride must be a positive integer, got {args.stride}")
     train_len = ckpt.train_len
     lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(train_len)
     modes = ("nonoverlapping", "sliding") if args.mode == "both" else (args.mode,)
@@ -140,9 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if not word_level and words:
         print("word-level perplexity (total NLL / words):")
         print(results_table([results], metric="word_ppl"), end="")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(results, indent=1) + "\n")
         tmp.replace(out)
