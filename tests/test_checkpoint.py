@@ -95,3 +95,16 @@ def test_missing_checkpoint_and_wrong_format(tmp_path):
     (path / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(UserError, match="format"):
         load_checkpoint(path)
+
+
+def test_prepared_data_or_foreign_meta_json_is_not_called_a_checkpoint_format(tmp_path):
+    from alibi_lm.data import prepare
+
+    (tmp_path / "corpus.txt").write_text("".join(f"line {i}\n" for i in range(40)))
+    prepare(str(tmp_path / "corpus.txt"), tmp_path / "data", tokenizer="bytes", progress=False)
+    with pytest.raises(UserError, match="is not a checkpoint \\(a prepared data directory\\)"):
+        load_checkpoint(tmp_path / "data")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "meta.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="is not a checkpoint"):
+        load_checkpoint(tmp_path / "other")

@@ -193,7 +193,11 @@ def read_checkpoint_meta(path: str | Path, *, verify: bool = True) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"corrupt checkpoint {path}: meta.json is not valid JSON ({error})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION or "model" not in meta:
+    if not isinstance(meta, dict) or "model" not in meta:
+        kind = " (a prepared data directory)" if isinstance(meta, dict) and "splits" in meta else ""
+        raise UserError(f"{path} is not a checkpoint{kind}: its meta.json has no model config; give a checkpoint "
+                        "or a run directory")
+    if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path}: unsupported checkpoint format {meta.get('format_version')!r} "
                         f"(this alibi-lm reads version {FORMAT_VERSION})")
     if verify:
