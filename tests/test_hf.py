@@ -249,6 +249,15 @@ def test_cli_export_then_import_round_trip(tmp_path, capsys):
     code, err = _cli(["export", str(tmp_path / "ck"), str(tmp_path / "ck"), "--overwrite"], capsys)
     assert code == 2 and len(err) == 1 and "never replaced" in err[0]
     assert load_checkpoint(tmp_path / "ck").train_len == 24
+    # --overwrite never deletes a run directory, nor a folder that holds the checkpoint being exported
+    run = tmp_path / "runs" / "r"
+    save_model_checkpoint(run / "checkpoints" / "step_00000001", model, train_len=24, tokenizer=tok)
+    for out in (run, tmp_path / "runs"):
+        code, err = _cli(["export", str(run), str(out), "--overwrite"], capsys)
+        assert code == 2 and len(err) == 1 and "never replaced" in err[0]
+    code, err = _cli(["export", str(tmp_path / "ck"), str(run), "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "run directory" in err[0]
+    assert load_checkpoint(run).train_len == 24
     save_model_checkpoint(tmp_path / "rope", TransformerLM(ModelConfig(vocab_size=VOCAB, n_layers=1, d_model=24,
                                                                        n_heads=6, position="rotary")), train_len=8)
     code, err = _cli(["export", str(tmp_path / "rope"), str(tmp_path / "hf2")], capsys)

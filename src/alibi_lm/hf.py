@@ -168,6 +168,8 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise UserError(f"{out_dir} is a file; give a directory to export into")
     if (out_dir / "meta.json").is_file():
         raise UserError(f"{out_dir} is an alibi-lm checkpoint; export into a new directory (it is never replaced)")
+    if (out_dir / "checkpoints").is_dir():
+        raise UserError(f"{out_dir} is an alibi-lm run directory; export into a new directory (it is never replaced)")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise UserError(f"{out_dir} already exists and is not empty; choose a new directory or pass --overwrite")
 

@@ -32,10 +32,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from alibi_lm.checkpoint import load_checkpoint
+    from alibi_lm.errors import UserError
     from alibi_lm.hf import export_bloom
 
     checkpoint = load_checkpoint(args.checkpoint)
+    if checkpoint.path.resolve().is_relative_to(Path(args.out_dir).resolve()):
+        raise UserError(f"{args.out_dir} holds the checkpoint being exported; export into a new directory "
+                        "(it is never replaced)")
     out = export_bloom(checkpoint.model, args.out_dir, tokenizer=checkpoint.tokenizer,
                        train_len=checkpoint.train_len, overwrite=args.overwrite)
     n_params = sum(p.numel() for p in checkpoint.model.parameters())
