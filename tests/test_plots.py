@@ -85,3 +85,17 @@ def test_plots_module_does_not_import_torch():
     assert "matplotlib.figure" in names
     heavy = ("alibi_lm.model", "alibi_lm.evaluate")
     assert not [n for n in names if n.split(".")[0] in ("torch", "numpy") or n in heavy]
+
+
+def test_output_without_an_image_suffix_or_a_directory_is_a_user_error(tmp_path, capsys):
+    from alibi_lm.cli import main
+
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(fake_result("alibi", {64: 30.0, 128: 28.0})))
+    for out, message in ((tmp_path / "x.foo", "cannot tell the image format"), (tmp_path / "noext", "image format"),
+                         (tmp_path, "is a directory")):
+        assert main(["plot", str(path), "-o", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+    assert main(["plot", str(path), "-o", str(tmp_path / "ok.SVG")]) == 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from alibi_lm.errors import UserError
 
-__all__ = ["FORMAT", "load_results", "plot_results", "results_table", "series"]
+__all__ = ["FORMAT", "check_image_path", "load_results", "plot_results", "results_table", "series"]
 
 FORMAT = "alibi-lm-eval"
 
@@ -43,6 +43,20 @@ def load_results(paths: Sequence[str | Path]) -> list[dict]:
         data.setdefault("label", path.stem)
         results.append(data)
     return results
+
+
+def check_image_path(out_path: str | Path) -> Path:
+    """`out_path` if matplotlib can write an image there by its suffix, else a UserError."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    out_path = Path(out_path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out_path.is_dir():
+        raise UserError(f"{out_path} is a directory; give an image file name such as {out_path / 'ppl.png'}")
+    if out_path.suffix.lower().lstrip(".") not in formats:
+        raise UserError(f"cannot tell the image format of {out_path}: end the name with .png, .pdf or .svg "
+                        f"(or one of {', '.join('.' + f for f in sorted(formats))})")
+    return out_path
 
 
 def _metric(record: dict, metric: str) -> float | None:
@@ -87,6 +101,7 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
 
     if not results:
         raise UserError("nothing to plot: no results given")
+    out_path = check_image_path(out_path)
     drawn: dict = {"ppl": {}, "loss_by_position": {}, "train_lens": []}
     with_positions = [r for r in results if any(e.get("loss_by_position") for e in r["evaluations"])]
     fig = Figure(figsize=(11 if with_positions else 6.5, 4.2))
@@ -146,7 +161,6 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
         ax2.grid(True, alpha=0.3)
         ax2.legend(fontsize=8)
     fig.tight_layout()
-    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=dpi)
     return drawn

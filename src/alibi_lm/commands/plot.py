@@ -29,8 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from alibi_lm.errors import UserError
-    from alibi_lm.plots import load_results, plot_results, results_table
+    from alibi_lm.plots import check_image_path, load_results, plot_results, results_table
 
+    check_image_path(args.out)
     results = load_results(args.results)
     if args.labels:
         labels = [x.strip() for x in args.labels.split(",")]
