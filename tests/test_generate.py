@@ -85,7 +85,8 @@ def test_filters_and_sampling_distribution():
 
 def test_bad_arguments_are_user_errors():
     model = tiny_model("alibi")
-    for kwargs in ({"temperature": -1}, {"top_k": 0}, {"top_p": 1.5}, {"max_new_tokens": -1}):
+    for kwargs in ({"temperature": -1}, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_k": 0},
+                   {"top_p": 1.5}, {"max_new_tokens": -1}):
         args = {"max_new_tokens": 3, **kwargs}
         with pytest.raises(UserError):
             generate(model, [[1]], **args)
@@ -109,6 +110,13 @@ def test_generate_command_streams_text(tmp_path, capsys):
     expected = generate(model, [list("héllo".encode())], max_new_tokens=40, temperature=0)[0]
     assert printed == "héllo" + bytes(expected).decode("utf-8", errors="replace") + "\n"
     assert main([*args[:2], "--prompt", "x", "--top-p", "2"]) == 2
+    for bad in (["--max-new-tokens", "-1"], ["--temperature", "nan"]):  # refused before the prompt is echoed
+        capsys.readouterr()
+        assert main([*args[:2], "--prompt", "x", *bad]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
+    assert main([*args[:2], "--prompt", "x", "--max-new-tokens", "0"]) == 0
+    assert capsys.readouterr().out == "x\n"
 
 
 def test_bf16_autocast_keeps_the_cache_in_the_autocast_dtype():

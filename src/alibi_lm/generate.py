@@ -57,8 +57,8 @@ def _check(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_token
             raise UserError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):  # also rejects nan, which samples garbage
+        raise UserError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise UserError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:

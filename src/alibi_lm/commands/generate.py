@@ -35,13 +35,21 @@ class _Streamer:
     """Prints the text of the tokens so far as it grows. Decoding the whole continuation each time
     keeps multi-byte characters and BPE merges right; only text that no longer changes is printed."""
 
-    def __init__(self, tokenizer, out=None):
+    def __init__(self, tokenizer, out=None, prompt: str = ""):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.printed = ""
         self.out = out or sys.stdout
+        self.prompt = prompt  # echoed with the first token, so that a refused request prints nothing
+
+    def _echo_prompt(self) -> None:
+        if self.prompt:
+            self.out.write(self.prompt)
+            self.out.flush()
+            self.prompt = ""
 
     def __call__(self, tokens: list[int | None]) -> None:
+        self._echo_prompt()
         if tokens[0] is None:
             return
         self.ids.append(tokens[0])
@@ -53,6 +61,7 @@ class _Streamer:
             self.printed = stable
 
     def finish(self) -> None:
+        self._echo_prompt()
         text = self.tokenizer.decode(self.ids)
         if text.startswith(self.printed):
             self.out.write(text[len(self.printed) :])
@@ -73,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = ckpt.tokenizer.encode(args.prompt)
     if not prompt:
         raise UserError("the prompt encodes to no tokens; give some text")
-    streamer = _Streamer(ckpt.tokenizer)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    streamer = _Streamer(ckpt.tokenizer, prompt=args.prompt)
     generate(ckpt.model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_k=args.top_k, top_p=args.top_p, seed=args.seed, on_token=streamer,
              stop_id=ckpt.tokenizer.eos_id if args.stop_at_eos else None)
