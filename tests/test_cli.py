@@ -66,3 +66,15 @@ def test_closed_stdout_stops_quietly():
     proc.stdout.close()  # the reader went away, as with `alibi-lm generate ... | head`
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_help_names_every_preset_and_the_plot_example_has_its_input(capsys):
+    from alibi_lm.config import presets
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    train_help = " ".join(capsys.readouterr().out.split())
+    assert all(name in train_help for name in presets())
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "-o runs/small/eval.json" in capsys.readouterr().out

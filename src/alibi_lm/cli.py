@@ -26,7 +26,7 @@ Typical session:
   alibi-lm demo                                   train ALiBi and sinusoidal, show extrapolation
   alibi-lm prepare wikitext-2 -o data/wt2 --tokenizer word
   alibi-lm train --config configs/small.toml --set data.path=data/wt2
-  alibi-lm evaluate runs/small --lengths 512,1024,2048
+  alibi-lm evaluate runs/small --lengths 512,1024,2048 -o runs/small/eval.json
   alibi-lm plot runs/small/eval.json -o ppl.png
   alibi-lm generate runs/small --prompt "The history of"
 """

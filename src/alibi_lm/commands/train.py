@@ -8,7 +8,8 @@ NAME = "train"
 HELP = "train a model from a TOML config (one device, or DDP/FSDP under torchrun)"
 ORDER = 30
 DESCRIPTION = """\
-Train a language model. --config is a TOML file or a preset (tiny, small, wt103-paper, cc100-1.3b);
+Train a language model. --config is a TOML file or a preset (tiny, small, wt103-paper, cc100-1.3b,
+demo, bloom-tiny, bloom-560m);
 --set section.key=value overrides one field (sections: model, data, optim, schedule, run).
 
 The run directory (run.out_dir) gets config.json (the resolved config), metrics.jsonl (loss, lr,
@@ -26,7 +27,8 @@ Examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
-                        help="TOML file or preset name (tiny, small, wt103-paper, cc100-1.3b)")
+                        help="TOML file or preset name (tiny, small, wt103-paper, cc100-1.3b, demo, bloom-tiny, "
+                             "bloom-560m)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config field, e.g. --set model.position=sinusoidal (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the newest checkpoint in run.out_dir")
