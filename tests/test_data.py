@@ -98,3 +98,30 @@ def test_gather_windows_targets_are_shifted_inputs():
     tokens = np.arange(100, dtype=np.uint16)
     x, y = gather_windows(tokens, np.array([3, 50]), 4)
     assert x.tolist() == [[3, 4, 5, 6], [50, 51, 52, 53]] and y.tolist() == [[4, 5, 6, 7], [51, 52, 53, 54]]
+
+
+def test_prepare_never_replaces_prepared_data_unless_asked(tmp_path):
+    first = _write(tmp_path / "a.txt", "".join(f" alpha {i}\n" for i in range(60)))
+    second = _write(tmp_path / "b.txt", "".join(f" beta gamma {i}\n" for i in range(60)))
+    out = tmp_path / "out"
+    prepare(str(first), out, tokenizer="bytes", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(UserError, match="already holds prepared data .*--overwrite"):
+        prepare(str(second), out, tokenizer="word", progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    meta = prepare(str(second), out, tokenizer="word", progress=False, overwrite=True)
+    assert read_meta(out)["tokenizer"] == meta["tokenizer"] == "word"
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging folder left behind
+
+
+def test_cli_prepare_refuses_existing_output(tmp_path, capsys):
+    from alibi_lm.cli import main
+
+    src = _write(tmp_path / "a.txt", "".join(f" alpha {i}\n" for i in range(60)))
+    assert main(["prepare", str(src), "-o", str(tmp_path / "out"), "--tokenizer", "bytes", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["prepare", str(src), "-o", str(tmp_path / "out"), "--tokenizer", "bytes", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--overwrite" in err[0]
+    assert main(["prepare", str(src), "-o", str(tmp_path / "out"), "--tokenizer", "bytes", "--no-progress",
+                 "--overwrite"]) == 0

@@ -25,7 +25,9 @@ import hashlib
 import json
 import lzma
 import os
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,8 @@ from alibi_lm.tokenizer import KINDS, Tokenizer, load_tokenizer, train_tokenizer
 __all__ = ["CORPORA", "SPLITS", "batch_rows", "load_tokens", "prepare", "read_meta", "window_starts"]
 
 SPLITS = ("train", "valid", "test")
+# what `prepare` writes into its output directory
+_OUTPUT_NAMES = ("meta.json", *(f"{split}.bin" for split in SPLITS), "tokenizer.json", "tokenizer_meta.json")
 CORPORA = ("wikitext-2", "wikitext-103", "embedded")
 TEXT_SUFFIXES = (".txt", ".tokens", ".xz", ".gz", ".bz2")
 FORMAT_VERSION = 1
@@ -217,12 +221,15 @@ def _encode_to_file(tokenizer: Tokenizer, text: str, path: Path, dtype: np.dtype
 
 def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_size: int = 8192,
             data_dir: str | Path | None = None, min_freq: int = 1, valid_fraction: float = 0.05,
-            test_fraction: float = 0.05, progress: bool = True) -> dict:
+            test_fraction: float = 0.05, progress: bool = True, overwrite: bool = False) -> dict:
     """Tokenize `source` into `out_dir`; return the metadata written to `out_dir/meta.json`:
     {"format_version": 1, "tokenizer": kind, "vocab_size", "dtype": "uint16" | "uint32",
      "splits": {split: {"file", "tokens", "words", "whitespace_words", "lines"}}, "sources": [...]}.
     The tokenizer is trained on the train split only (bpe: `vocab_size` ids; word: words seen at
-    least `min_freq` times)."""
+    least `min_freq` times). A directory that already holds prepared data (models may have been
+    trained on it) is replaced only with `overwrite`; files are written to a temporary folder inside
+    `out_dir` and moved into place with meta.json last, so an interruption never leaves token files
+    that disagree with meta.json."""
     if tokenizer not in KINDS:
         raise UserError(f"unknown tokenizer {tokenizer!r}{closest_match_hint(tokenizer, KINDS)}; "
                         f"valid: {', '.join(KINDS)}")
@@ -230,6 +237,13 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_s
         raise UserError(f"vocab size must be a positive integer, got {vocab_size!r}")
     if min_freq < 1:
         raise UserError(f"min_freq must be at least 1, got {min_freq}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another output directory")
+    existing = [name for name in _OUTPUT_NAMES if (out / name).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{out} already holds prepared data ({', '.join(existing)}); pass --overwrite to replace "
+                        "it, or choose another output directory")
     corpus = read_corpus(source, data_dir=data_dir, valid_fraction=valid_fraction, test_fraction=test_fraction)
     for split in SPLITS:
         if not corpus.splits[split].strip():
@@ -238,8 +252,18 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_s
     tok = train_tokenizer(tokenizer, train_lines, vocab_size=vocab_size, min_freq=min_freq, show_progress=progress)
     dtype = np.dtype(np.uint16) if tok.vocab_size <= 2**16 else np.dtype(np.uint32)
 
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out))
+    try:
+        meta = _write_prepared(staging, tok, corpus, source, dtype, progress)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == "meta.json"):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def _write_prepared(out: Path, tok: Tokenizer, corpus: Corpus, source: str, dtype: np.dtype, progress: bool) -> dict:
     splits = {}
     for split in SPLITS:
         text = corpus.splits[split]
@@ -252,9 +276,7 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_s
             "eos_id": tok.eos_id, "dtype": dtype.name, "splits": splits, "sources": corpus.sources,
             "notes": corpus.notes,
             "word_count_convention": "words = whitespace words + one end-of-line per line (WikiText words+eos)"}
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out / "meta.json")
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return meta
 
 

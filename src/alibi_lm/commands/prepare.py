@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder holding wikitext-2/ and wikitext-103/ (default: ../shared/data if it exists)")
     parser.add_argument("--valid-fraction", type=float, default=0.05, help="held-out share for valid (plain files)")
     parser.add_argument("--test-fraction", type=float, default=0.05, help="held-out share for test (plain files)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prepared data already in the output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                    data_dir=args.data_dir, min_freq=args.min_freq, valid_fraction=args.valid_fraction,
-                   test_fraction=args.test_fraction, progress=not args.no_progress)
+                   test_fraction=args.test_fraction, progress=not args.no_progress,
+                   overwrite=args.overwrite)
     print(f"{args.out}: {meta['tokenizer']} tokenizer, vocabulary {meta['vocab_size']:,}, {meta['dtype']}")
     for split, info in meta["splits"].items():
         print(f"  {split:<5} {info['tokens']:>12,} tokens {info['words']:>12,} words (incl. one per line)")
