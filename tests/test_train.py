@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from alibi_lm.checkpoint import latest_checkpoint, load_checkpoint, step_checkpoints
+from alibi_lm.checkpoint import latest_checkpoint, load_checkpoint, lock_run_dir, step_checkpoints
 from alibi_lm.config import load_config
 from alibi_lm.data import prepare
 from alibi_lm.errors import UserError
@@ -156,3 +156,17 @@ def test_early_stopping_when_validation_stops_improving(tmp_path, data_dir):
     assert result.stopped_early and result.steps == 6
     assert result.best_checkpoint is not None and load_checkpoint(result.best_checkpoint).meta["step"] == 2
     assert result.checkpoint.name == "step_00000006"
+
+
+def test_a_second_process_cannot_train_into_a_locked_run(tmp_path, data_dir):
+    config = load_config(str(_config_file(tmp_path, data_dir, "locked", steps=2)))
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir()
+    holder = lock_run_dir(run_dir)  # stands for another process that is training into this run
+    try:
+        with pytest.raises(UserError, match="another training process is writing to"):
+            train(config, progress=False)
+    finally:
+        holder.close()
+    assert not (run_dir / "checkpoints").exists()
+    assert train(config, progress=False).steps == 2  # free again once the other one is done

@@ -146,6 +146,24 @@ def save_model_checkpoint(directory: str | Path, model: nn.Module, *, train_len:
                             tokenizer=tokenizer, extra_meta=extra_meta)
 
 
+def lock_run_dir(run_dir: str | Path):
+    """Take the run directory's lock for as long as the returned file stays open, so that a second
+    training process (a stray background job, a resume started twice) cannot write checkpoints into
+    the same run at the same time. Returns None where file locks are not available (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    handle = open(Path(run_dir) / ".lock", "w")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another training process is writing to {run_dir}; wait for it to finish or stop it "
+                        "first") from None
+    return handle
+
+
 def step_directory(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
