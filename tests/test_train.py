@@ -170,3 +170,12 @@ def test_a_second_process_cannot_train_into_a_locked_run(tmp_path, data_dir):
         holder.close()
     assert not (run_dir / "checkpoints").exists()
     assert train(config, progress=False).steps == 2  # free again once the other one is done
+
+
+def test_resume_with_no_steps_left_says_so(tmp_path, data_dir):
+    config = load_config(str(_config_file(tmp_path, data_dir, "done", steps=3)))
+    train(config, progress=False)
+    with pytest.raises(UserError, match="nothing to resume: .* is at step 3 and run.steps is 3"):
+        train(config, resume=True, progress=False)
+    more = load_config(str(_config_file(tmp_path, data_dir, "done", steps=3)), ["run.steps=5"])
+    assert train(more, resume=True, progress=False).steps == 5

@@ -360,6 +360,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool) 
             raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
         ckpt_meta = read_checkpoint_meta(existing)  # verifies every file's checksum
         _check_same_model(ckpt_meta["model"], cfg.model, existing)
+        if int(ckpt_meta["step"]) >= cfg.run.steps:
+            raise UserError(f"nothing to resume: {existing} is at step {ckpt_meta['step']} and run.steps is "
+                            f"{cfg.run.steps}; raise run.steps (--set run.steps=N) to train further")
         if ckpt_meta.get("world_size", 1) != info.world_size:
             raise UserError(f"cannot resume {existing}: it was written by {ckpt_meta.get('world_size')} ranks, "
                             f"this run has {info.world_size}")
