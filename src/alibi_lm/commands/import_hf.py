@@ -15,11 +15,12 @@ extrapolation or generate with it:
 
   huggingface-cli download bigscience/bloom-560m --local-dir hf/bloom-560m   # once, online
   alibi-lm import hf/bloom-560m ckpt/bloom-560m
-  alibi-lm evaluate ckpt/bloom-560m --lengths 1024,2048,4096
+  alibi-lm evaluate ckpt/bloom-560m --data DATA_DIR --lengths 1024,2048,4096
 
-MPT's slope rule for head counts that are not powers of two and its alibi_bias_max are kept in
-the model config (model.slope_rule = "mpt"), so imported MPT models are exact too. Nothing is
-downloaded: HF_DIR must be a local folder.
+DATA_DIR is a corpus prepared with the model's own tokenizer. MPT's alibi_bias_max and its slope
+construction are kept in the model config (model.alibi_max_bias, model.slope_rule = "mpt"; the
+construction gives the paper's slopes for every head count), so imported MPT models are exact too.
+Nothing is downloaded: HF_DIR must be a local folder.
 """
 
 
@@ -35,5 +36,5 @@ def run(args: argparse.Namespace) -> int:
     for note in info["notes"]:
         print(f"note: {note}")
     print(f"wrote {path} ({info['architecture'].upper()}, training length {info['train_len']}); "
-          f"try: alibi-lm evaluate {path}")
+          f"try: alibi-lm evaluate {path} --data DATA_DIR (a corpus prepared with its tokenizer)")
     return 0
