@@ -57,6 +57,7 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
     from alibi_lm.checkpoint import load_checkpoint
     from alibi_lm.config import load_config
     from alibi_lm.data import load_tokens, prepare, read_meta
+    from alibi_lm.distributed import pick_device
     from alibi_lm.evaluate import evaluate_model
     from alibi_lm.plots import plot_results, results_table
     from alibi_lm.train import train
@@ -72,9 +73,7 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
     test = load_tokens(data_dir, "test")
     words = data_meta["splits"]["test"].get("words")
 
-    import torch
-
-    eval_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    eval_device = pick_device(device)
     if steps is None and quick:
         steps = QUICK_STEPS
     results, timings = [], {}

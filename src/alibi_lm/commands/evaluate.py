@@ -67,22 +67,6 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
-def resolve_device(name: str):
-    import torch
-
-    from alibi_lm.errors import UserError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
-
-
 def find_data_dir(checkpoint_path: Path, meta: dict) -> Path | None:
     """The prepared directory a checkpoint was trained on: from its metadata, or the run's config.json."""
     candidates = [meta.get("data_path"), (meta.get("train_config") or {}).get("data", {}).get("path")]
@@ -102,6 +86,7 @@ def find_data_dir(checkpoint_path: Path, meta: dict) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     from alibi_lm.checkpoint import load_checkpoint
     from alibi_lm.data import load_tokens, read_meta
+    from alibi_lm.distributed import pick_device
     from alibi_lm.errors import UserError
     from alibi_lm.evaluate import default_lengths, evaluate_model
     from alibi_lm.plots import results_table
@@ -118,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         if out.is_dir():
             raise UserError(f"-o {out} is a directory; give a file name such as {out / 'eval.json'}")
         out.parent.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     data_dir = Path(args.data) if args.data else find_data_dir(ckpt.path, ckpt.meta)
     if data_dir is None:

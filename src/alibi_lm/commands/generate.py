@@ -71,11 +71,11 @@ class _Streamer:
 
 def run(args: argparse.Namespace) -> int:
     from alibi_lm.checkpoint import load_checkpoint
-    from alibi_lm.commands.evaluate import resolve_device
+    from alibi_lm.distributed import pick_device
     from alibi_lm.errors import UserError
     from alibi_lm.generate import generate
 
-    ckpt = load_checkpoint(args.checkpoint, device=resolve_device(args.device))
+    ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
     if ckpt.tokenizer is None:
         raise UserError(f"{ckpt.path} has no tokenizer.json, so text cannot be encoded; copy the tokenizer.json "
                         "of its prepared data directory into it")
