@@ -31,7 +31,7 @@ from alibi_lm.model import ModelConfig, TransformerLM
 from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "read_checkpoint_meta",
-           "save_model_checkpoint", "unwrap_model"]
+           "save_model_checkpoint", "unwrap_model", "write_json"]
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -90,6 +90,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write `data` as indented JSON to `path` through a sibling temp file, so that a reader never
+    sees half a file (evaluation results, the demo summary)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def write_checkpoint(directory: str | Path, *, state: dict[str, torch.Tensor], config: ModelConfig, train_len: int,

@@ -12,7 +12,6 @@ while sinusoidal's climbs far above its own. The check is printed plainly, pass 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -43,18 +42,12 @@ def _claim_folder(out: Path) -> None:
     (out / _MARKER).write_text("written by `alibi-lm demo`; a new demo run may replace this folder's contents\n")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, quick: bool = False, seed: int = 0,
              device: str = "auto", progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Run the demo into `out_dir` and return its summary (also written to `out_dir/demo.json`):
     {"train_len", "steps", "ppl": {position: {length: ppl}}, "ratio_8x": {position: ppl(8L) / ppl(L)},
      "alibi_flat": bool, "sinusoidal_rises": bool, "seconds": ...}."""
-    from alibi_lm.checkpoint import load_checkpoint
+    from alibi_lm.checkpoint import load_checkpoint, write_json
     from alibi_lm.config import load_config
     from alibi_lm.data import load_tokens, prepare, read_meta
     from alibi_lm.distributed import pick_device
@@ -106,7 +99,7 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
                                        "train_seconds": round(train_seconds, 2),
                                        "train_tokens_per_second": round(trained.tokens_per_second, 1)})
         timings[position] = {"train": round(train_seconds, 1), "evaluate": round(time.perf_counter() - t0, 1)}
-        _write_json(out / f"eval-{position}.json", result)
+        write_json(out / f"eval-{position}.json", result)
         results.append(result)
 
     ppl = {r["label"]: {e["length"]: e["ppl"] for e in r["evaluations"]} for r in results}
@@ -125,7 +118,7 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
     }
     plot_results(results, out / "extrapolation.png",
                  title=f"Trained on {train_len} bytes, evaluated up to {longest} (test split)")
-    _write_json(out / "demo.json", summary)
+    write_json(out / "demo.json", summary)
 
     echo("")
     echo(f"test-split perplexity per byte, models trained on windows of L = {train_len} bytes:")

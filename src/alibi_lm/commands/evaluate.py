@@ -84,7 +84,7 @@ def find_data_dir(checkpoint_path: Path, meta: dict) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from alibi_lm.checkpoint import load_checkpoint
+    from alibi_lm.checkpoint import load_checkpoint, write_json
     from alibi_lm.data import load_tokens, read_meta
     from alibi_lm.distributed import pick_device
     from alibi_lm.errors import UserError
@@ -136,8 +136,6 @@ def run(args: argparse.Namespace) -> int:
         print("word-level perplexity (total NLL / words):")
         print(results_table([results], metric="word_ppl"), end="")
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        tmp.replace(out)
+        write_json(out, results)
         print(f"wrote {out}")
     return 0
