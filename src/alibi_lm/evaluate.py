@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from alibi_lm.errors import UserError
-from alibi_lm.model import TransformerLM, token_nll
+from alibi_lm.model import TransformerLM, inference_autocast_dtype, token_nll
 
 __all__ = ["MODES", "RESULTS_FORMAT", "default_lengths", "evaluate_lengths", "evaluate_model", "plan_windows",
            "window_nll"]
@@ -93,10 +93,8 @@ def window_nll(model: TransformerLM, inputs: Tensor, targets: Tensor, scored: in
 
 
 def _autocast(device: torch.device, model: TransformerLM):
-    # bf16 on CUDA is what training uses and what the fused kernel takes; an fp32 CPU run stays exact.
-    if device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    dtype = inference_autocast_dtype(model)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def _as_array(tokens) -> np.ndarray:

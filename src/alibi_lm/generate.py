@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from alibi_lm.errors import UserError
-from alibi_lm.model import TransformerLM
+from alibi_lm.model import TransformerLM, inference_autocast_dtype
 from alibi_lm.positions import Learned, Sinusoidal
 
 __all__ = ["filter_logits", "generate"]
@@ -68,13 +68,6 @@ def _check(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_token
     if limit is not None and longest > limit:
         raise UserError(f"{model.cfg.position} positions stop at {limit} tokens but prompt + new tokens need "
                         f"{longest}; lower --max-new-tokens")
-
-
-def _amp_dtype(device: torch.device, model: TransformerLM, requested: torch.dtype | str | None) -> torch.dtype | None:
-    """The autocast dtype: "auto" is bf16 for an fp32 model on CUDA (as in training), else none."""
-    if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" and next(model.parameters()).dtype == torch.float32 else None
-    return requested  # type: ignore[return-value]
 
 
 def _sample(logits: Tensor, generators: list[torch.Generator], temperature: float, top_k: int | None,
@@ -152,7 +145,7 @@ def generate(
     prompts = [[int(t) for t in p] for p in prompts]
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
-    amp = _amp_dtype(device, model, autocast_dtype)
+    amp = inference_autocast_dtype(model) if autocast_dtype == "auto" else autocast_dtype
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     if max_new_tokens == 0:
         return [[] for _ in prompts]

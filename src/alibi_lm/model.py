@@ -21,7 +21,7 @@ from alibi_lm.errors import closest_match_hint
 from alibi_lm.kernels import BACKENDS
 from alibi_lm.positions import POSITIONS, SLOPE_RULES, ALiBi, Learned, PositionMethod, Rotary, Sinusoidal, T5Bias
 
-__all__ = ["KVCache", "ModelConfig", "TransformerLM", "token_nll"]
+__all__ = ["KVCache", "ModelConfig", "TransformerLM", "inference_autocast_dtype", "token_nll"]
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
@@ -269,6 +269,14 @@ def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     function behind training (its mean) and evaluation (per position)."""
     flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
     return flat.view(targets.shape)
+
+
+def inference_autocast_dtype(model: nn.Module) -> torch.dtype | None:
+    """The autocast dtype evaluation and generation run an fp32 model in: bf16 on CUDA (what training
+    uses and what the fused kernel takes), none on the CPU or for a model already in low precision
+    (so that an fp32 CPU run stays exact)."""
+    weight = next(model.parameters())
+    return torch.bfloat16 if weight.device.type == "cuda" and weight.dtype == torch.float32 else None
 
 
 class TransformerLM(nn.Module):
