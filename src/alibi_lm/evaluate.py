@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from alibi_lm.data import gather_windows
 from alibi_lm.errors import UserError
 from alibi_lm.model import TransformerLM, inference_autocast_dtype, token_nll
 
@@ -131,9 +132,9 @@ def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: s
         for (win_len, scored), group in groups.items():
             for i in range(0, len(group), batch_size):
                 batch = group[i : i + batch_size]
-                rows = np.stack([tokens[w.start : w.start + win_len + 1] for w in batch]).astype(np.int64)
-                rows_t = torch.from_numpy(rows).to(device, non_blocking=True)
-                nll = window_nll(model, rows_t[:, :-1], rows_t[:, 1:], scored).double()  # (B, scored)
+                x, y = gather_windows(tokens, np.array([w.start for w in batch], dtype=np.int64), win_len)
+                nll = window_nll(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                 scored).double()  # (B, scored)
                 nll_sum += nll.sum().item()
                 scored_total += nll.numel()
                 first = win_len - scored
