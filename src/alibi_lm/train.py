@@ -327,12 +327,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     config.validate()
     info = D.init_distributed(config.run.device)
     try:
-        return _train(config, info, resume=resume, progress=progress)
+        # the stack holds the run directory's lock, so it is released on failure as well as on success
+        with contextlib.ExitStack() as held:
+            return _train(config, info, resume=resume, progress=progress, held=held)
     finally:
         D.shutdown()
 
 
-def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool) -> TrainResult:
+def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
+           held: contextlib.ExitStack) -> TrainResult:
     from tqdm import tqdm
 
     run_dir = Path(cfg.run.out_dir)
@@ -397,10 +400,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool) 
     step_model = torch.compile(model) if cfg.run.compile else model
     autocast = autocast_context(device, cfg.run.precision)
 
-    run_lock = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        run_lock = lock_run_dir(run_dir)  # released when this function returns and the handle closes
+        run_lock = lock_run_dir(run_dir)
+        if run_lock is not None:
+            held.enter_context(run_lock)
         resolved = {**cfg.to_dict(), "world_size": info.world_size}
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
     metrics = _Metrics(run_dir / "metrics.jsonl", info.is_main, start_step if resume else None)
@@ -525,8 +529,6 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool) 
     if last_ckpt is None or step_directory(run_dir, step) != last_ckpt:
         last_ckpt = save(step, final_valid)  # e.g. resumed at the final step
     tokens_per_second = timed_tokens / timed_seconds if timed_seconds else first_tok_s
-    if run_lock is not None:
-        run_lock.close()
     return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, final_valid_loss=final_valid,
                        tokens_per_second=tokens_per_second, peak_memory_bytes=_peak_memory(device), steps=step,
                        final_train_loss=last_loss, best_valid_loss=None if math.isinf(best_loss) else best_loss,
