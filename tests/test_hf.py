@@ -318,3 +318,35 @@ def test_import_reads_sharded_bin_and_bare_layouts(tmp_path):
 
     for layout in ("sharded", "bin", "bare"):
         assert torch.equal(our_logits(import_hf(tmp_path / layout)[0], tokens(1, 20)), expected), layout
+
+
+def test_export_overwrite_keeps_the_old_folder_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    model = TransformerLM(bloom_model_config(VOCAB, 1, 24, 6)).eval()
+    sharpen(model, 3)
+    out = tmp_path / "hf"
+    export_bloom(model, out, train_len=16)
+    first = (out / "model.safetensors").read_bytes()
+    (out / "stale.txt").write_text("from an older export")
+
+    # a failure while the new folder is renamed in leaves the old export whole, and no stray folders
+    real_rename = type(out).rename
+
+    def failing_rename(self, target):
+        if self.name.startswith(".hf.") and not self.name.startswith(".hf.old."):
+            raise OSError("disk full")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(type(out), "rename", failing_rename)
+    sharpen(model, 4)
+    with pytest.raises(OSError, match="disk full"):
+        export_bloom(model, out, train_len=16, overwrite=True)
+    monkeypatch.undo()
+    assert (out / "model.safetensors").read_bytes() == first and (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+    export_bloom(model, out, train_len=16, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() != first and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    hf = BloomForCausalLM.from_pretrained(out).eval()
+    x = tokens(2, 12, seed=5)
+    torch.testing.assert_close(hf_logits(hf, x), our_logits(model, x), atol=TOL, rtol=0)

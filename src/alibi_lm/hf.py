@@ -220,13 +220,28 @@ def export_bloom(model: TransformerLM, out_dir: str | os.PathLike, *, tokenizer:
         save_file(bloom_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp, train_len)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` where `target` is. The old folder is moved aside, not deleted, until the new one is in
+    place, so a failure in between (a full disk, a kill) never leaves the user with neither."""
+    if not target.exists():
+        new.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    old.rmdir()
+    target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
