@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from alibi_lm import POSITIONS, ModelConfig, TransformerLM, alibi_slopes
-from alibi_lm.model import token_nll
+from alibi_lm.model import perplexity, token_nll
 
 RELATIVE = ["alibi", "rotary", "t5", "none"]
 
@@ -176,3 +176,9 @@ def test_token_nll_is_per_token_cross_entropy():
     nll = token_nll(logits, targets)
     expected = -torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
     torch.testing.assert_close(nll, expected)
+
+
+def test_perplexity_is_exp_of_the_mean_nll_and_infinite_past_float_range():
+    assert perplexity(math.log(123.5)) == pytest.approx(123.5)
+    assert perplexity(0.0) == 1.0
+    assert perplexity(710.0) == math.inf

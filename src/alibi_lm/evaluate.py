@@ -40,7 +40,7 @@ from torch import Tensor
 
 from alibi_lm.data import gather_windows
 from alibi_lm.errors import UserError
-from alibi_lm.model import TransformerLM, inference_autocast_dtype, token_nll
+from alibi_lm.model import TransformerLM, inference_autocast_dtype, perplexity, token_nll
 
 __all__ = ["MODES", "RESULTS_FORMAT", "default_lengths", "evaluate_lengths", "evaluate_model", "plan_windows",
            "window_nll"]
@@ -159,9 +159,9 @@ def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: s
         "tokens": scored_total,
         "nll_sum": nll_sum,
         "loss": loss,
-        "ppl": math.exp(loss),
+        "ppl": perplexity(loss),
         "words": word_count,
-        "word_ppl": math.exp(nll_sum / word_count) if word_count else None,
+        "word_ppl": perplexity(nll_sum / word_count) if word_count else None,
         "seconds": seconds,
         "tokens_per_second": sum(w.length for w in windows) / max(seconds, 1e-9),
     }

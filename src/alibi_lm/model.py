@@ -271,6 +271,15 @@ def token_nll(logits: Tensor, targets: Tensor) -> Tensor:
     return flat.view(targets.shape)
 
 
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), and infinity where that overflows a float (a diverged model's loss past ~709
+    nats would otherwise raise OverflowError after a long evaluation)."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 def inference_autocast_dtype(model: nn.Module) -> torch.dtype | None:
     """The autocast dtype evaluation and generation run an fp32 model in: bf16 on CUDA (what training
     uses and what the fused kernel takes), none on the CPU or for a model already in low precision

@@ -40,7 +40,7 @@ from alibi_lm.checkpoint import (
 from alibi_lm.config import TrainConfig
 from alibi_lm.data import batch_rows, gather_windows, load_tokens, prepare, read_meta, window_starts
 from alibi_lm.errors import UserError
-from alibi_lm.model import ModelConfig, TransformerLM, token_nll
+from alibi_lm.model import ModelConfig, TransformerLM, perplexity, token_nll
 from alibi_lm.positions import Learned
 from alibi_lm.tokenizer import load_tokenizer
 
@@ -492,11 +492,11 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
                                               batch, info, max_tokens=cfg.data.valid_tokens, autocast=autocast,
                                               lockstep=cfg.run.parallel == "fsdp" and world > 1)
                 final_valid = valid_loss
-                record.update(valid_loss=valid_loss, valid_ppl=math.exp(min(valid_loss, 700.0)), valid_tokens=n_pred)
+                record.update(valid_loss=valid_loss, valid_ppl=perplexity(valid_loss), valid_tokens=n_pred)
                 if split_words:
                     # NLL of the whole split ~ mean NLL * its token count; divided by its words.
                     word_nll = valid_loss * split_tokens / split_words
-                    record["valid_word_ppl"] = math.exp(min(word_nll, 700.0))
+                    record["valid_word_ppl"] = perplexity(word_nll)
                 if valid_loss < best_loss - cfg.run.min_delta:
                     best_loss, bad_evals = valid_loss, 0
                     if cfg.run.keep_best:
