@@ -12,6 +12,9 @@ alone would blow the time budget); the full table in BENCHMARKS.md has it.
     PYTHONPATH=src python3 benchmarks/attention_quick.py --out OUT_DIR
     PYTHONPATH=src python3 benchmarks/attention_quick.py --out /tmp/kq --cpu-smoke   # interpreter, tiny
 
+With --profile, one forward+backward of each method per shape also runs under torch.profiler, and the
+markdown lists the time of every kernel (our forward, dK/dV, dQ and delta kernels against SDPA's).
+
 writes OUT_DIR/attention-quick.json and .md (rewritten after every shape) and prints the table.
 """
 
@@ -33,6 +36,8 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="directory for the JSON and markdown results")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU through the Triton interpreter")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one forward+backward of ours and of SDPA per shape: time per kernel")
     return p.parse_args()
 
 
@@ -47,6 +52,8 @@ import triton  # noqa: E402
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
 from alibi_lm.kernels.reference import attention_reference  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
+from kernel_profile import breakdown  # noqa: E402
+from kernel_profile import markdown as profile_markdown  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
 DTYPE = torch.bfloat16
@@ -109,6 +116,8 @@ def bench_shape(D: int, L: int) -> dict:
             both = _median_ms(step, grad_to_none=[q, k, v])
             row[name] = {"fwd_ms": fwd, "fwdbwd_ms": both, "fwd_tflops": flops / fwd / 1e9,
                          "fwdbwd_tflops": 3.5 * flops / both / 1e9}
+            if ARGS.profile:
+                row[name]["profile"] = breakdown(step, 1 if ARGS.cpu_smoke else 10, top=6)
         except Exception as exc:  # noqa: BLE001 - reported in the table, the other shapes still run
             row[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
         q.grad = k.grad = v.grad = None
@@ -172,6 +181,11 @@ def table(rows: list[dict]) -> str:
         c1, c2 = r["check_zero_slopes_vs_sdpa"], r["check_slopes_vs_fp32"]
         checks = " | ".join(f"rel {c['rel']:.1e} {'ok' if c['ok'] else 'FAIL'}" for c in (c1, c2))
         out.append(f"| {r['D']} | {r['L']} | {cell(a)} | {cell(b)} | {fr} | {br} | {checks} |")
+    for r in rows:
+        for name in ("ours", "sdpa_no_bias"):
+            if "profile" in r.get(name, {}):
+                title = f"{name}, D={r['D']} L={r['L']} H={r['H']} B={r['B']}: one forward+backward"
+                out += ["", profile_markdown(title, r[name]["profile"]).rstrip()]
     return "\n".join(out)
 
 

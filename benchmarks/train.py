@@ -13,6 +13,8 @@ ones `alibi-lm train` gets, minus validation and checkpoints. Cases (duplicates 
 
 Writes <out>/train_bench.json and <out>/train_bench.md. Example (one H100, about 6 minutes):
   python benchmarks/train.py --out bench/ --suite gpt2,short,1.3b
+With --profile N, N more steps of each case run under torch.profiler, and the markdown gains where
+the step's GPU time goes (attention, matmuls, fused kernels, optimizer) and how busy the GPU is.
 MFU = tokens/s x (6N + 12 x layers x L x d) / (989e12 x GPUs); N counts the output layer.
 """
 
@@ -42,6 +44,8 @@ from alibi_lm.train import (
     step_batches,
     train_step,
 )
+from kernel_profile import breakdown
+from kernel_profile import markdown as profile_markdown
 
 SUITES = ("gpt2", "short", "1.3b")
 GPT2 = ["model.vocab_size=50304", "model.dropout=0.0", "data.train_len=1024", "data.batch_size=16",
@@ -74,7 +78,8 @@ def cases(suites: list[str], positions: list[str], compile_gpt2: bool, compile_b
     return unique
 
 
-def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backend: str) -> dict:
+def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backend: str, profile_steps: int = 0
+            ) -> dict:
     overrides = [*case["sets"], f"model.position={case['position']}", f"data.train_len={case['length']}",
                  f"data.batch_size={case['batch']}", f"run.compile={str(case['compile']).lower()}",
                  f"model.attention_backend={backend}", f"model.max_len={max(case['length'], 1024)}",
@@ -122,6 +127,9 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
               "tokens_per_second": tok_s, "flops_per_token": fpt, "mfu": tok_s * fpt / peak if peak else None,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "final_loss": final_loss}
+    if profile_steps > 0:
+        next_step = iter(range(warmup + steps, warmup + steps + profile_steps + 1))
+        result["profile"] = breakdown(lambda run=run: run(next(next_step), 1), profile_steps)
     del model, optimizer, step_model, run
     gc.collect()
     if device.type == "cuda":
@@ -173,6 +181,10 @@ def markdown(results: list[dict], compared: list[dict], header: str) -> str:
         lines += ["", "| comparison | value | target | met |", "|---|---:|---:|---|"]
         lines += [f"| {c['comparison']} | {c['ratio']:.3f} | {c['target']} | {'yes' if c['met'] else 'NO'} |"
                   for c in compared]
+    for r in results:
+        if "profile" in r:
+            title = f"profile: {r['preset']} {r['position']} L={r['length']} batch={r['batch']}, per training step"
+            lines += ["", profile_markdown(title, r["profile"]).rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +199,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="model.attention_backend: auto | triton | sdpa")
     parser.add_argument("--no-compile", action="store_true", help="eager for the gpt2/short suites")
     parser.add_argument("--compile-1p3b", action="store_true", help="torch.compile the 1.3b cases too")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile N more steps per case: GPU time by kernel group, busy fraction")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config override (repeatable)")
     args = parser.parse_args()
     suites = [s.strip() for s in args.suite.split(",") if s.strip()]
@@ -216,7 +230,8 @@ def main() -> None:
         print(f"{case['preset']} {case['position']} L={case['length']} batch={case['batch']} "
               f"compile={case['compile']} ...", flush=True)
         try:
-            r = measure(case, steps=steps, warmup=warmup, extra_sets=args.sets, backend=args.backend)
+            r = measure(case, steps=steps, warmup=warmup, extra_sets=args.sets, backend=args.backend,
+                        profile_steps=args.profile)
         except torch.cuda.OutOfMemoryError as error:
             r = {**case, "error": f"out of memory: {str(error).splitlines()[0]}"}
             print(r["error"], flush=True)

@@ -1,0 +1,89 @@
+"""Where the time of a repeated GPU workload goes: torch.profiler's kernel times, per call, grouped.
+
+Shared by benchmarks/train.py (--profile) and benchmarks/attention_quick.py (--profile). The groups
+answer the questions the throughput targets raise: how much of a training step is attention (ours or
+SDPA's), matmuls, fused elementwise kernels, the optimizer; and how much of the wall time the GPU
+sits idle (launch-bound work shows as a low busy fraction). On a machine without CUDA the CPU self
+times of the aten / custom ops are used instead, so the code path can be tried anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# Lower-case name fragments, first match wins. Ours are the Triton kernels of alibi_lm.kernels;
+# SDPA's flash / cuDNN / efficient kernels carry "flash", "fmha" or "attention" in their names.
+GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("attention (ours)", ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel", "_decode", "alibi_lm::")),
+    ("attention (other)", ("flash", "fmha", "attention", "attn", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
+                "aten::matmul", "aten::linear")),
+    ("loss (log-softmax, NLL)", ("log_softmax", "logsoftmax", "nll_loss", "cross_entropy")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused (inductor)", ("triton_",)),
+    ("copies", ("memcpy", "memset", "copy_", "aten::to", "aten::_to_copy")),
+]
+
+
+def group_of(name: str) -> str:
+    low = name.lower()
+    for group, fragments in GROUPS:
+        if any(f in low for f in fragments):
+            return group
+    return "other"
+
+
+def breakdown(fn: Callable[[], object], calls: int, *, top: int = 12) -> dict:
+    """Run `fn` `calls` times under the profiler (after one unprofiled call) and return milliseconds per
+    call by group, the busiest kernels, the wall time per call and the GPU's busy fraction."""
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    rows = []
+    for event in prof.key_averages():
+        if cuda:
+            us = event.self_device_time_total if event.device_type != torch.autograd.DeviceType.CPU else 0
+        else:
+            us = event.self_cpu_time_total if event.key.startswith(("aten::", "alibi_lm::")) else 0
+        if us > 0:
+            rows.append((event.key, us / 1e3 / calls, event.count / calls))
+    rows.sort(key=lambda r: -r[1])
+    groups: dict[str, float] = {}
+    for name, ms, _ in rows:
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + ms
+    busy_ms = sum(groups.values())
+    return {
+        "calls": calls,
+        "timer": "gpu kernels" if cuda else "cpu self time of aten ops",
+        "wall_ms_per_call": wall_ms,
+        "busy_ms_per_call": busy_ms,
+        "busy_fraction": busy_ms / wall_ms if wall_ms > 0 else None,
+        "groups_ms_per_call": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": name[:120], "ms_per_call": ms, "launches_per_call": n} for name, ms, n in rows[:top]],
+    }
+
+
+def markdown(title: str, result: dict) -> str:
+    """A short section: the groups with their share of the busy time, then the busiest kernels."""
+    busy = result["busy_ms_per_call"] or 1e-12
+    lines = [f"#### {title}", "",
+             f"wall {result['wall_ms_per_call']:.2f} ms per call, {result['timer']} "
+             f"{result['busy_ms_per_call']:.2f} ms (busy {result['busy_fraction']:.0%}), "
+             f"{result['calls']} calls profiled", "",
+             "| group | ms per call | share |", "|---|---:|---:|"]
+    lines += [f"| {g} | {ms:.3f} | {ms / busy:.0%} |" for g, ms in result["groups_ms_per_call"].items()]
+    lines += ["", "| kernel | ms per call | launches per call |", "|---|---:|---:|"]
+    lines += [f"| `{k['name']}` | {k['ms_per_call']:.3f} | {k['launches_per_call']:g} |" for k in result["top_kernels"]]
+    return "\n".join(lines) + "\n"
