@@ -55,6 +55,22 @@ def test_kv_cache_decoding_matches_full_forward(position):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("position", ["alibi", "sinusoidal"])
+def test_logits_from_returns_the_tail_of_the_full_forward(position):
+    model = tiny(position).eval()
+    tokens = torch.randint(0, 40, (3, 20), generator=torch.Generator().manual_seed(4))
+    targets = torch.randint(0, 40, (3, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        tail, loss = model(tokens, targets[:, 13:], logits_from=13)
+    assert tail.shape == (3, 7, 40)
+    torch.testing.assert_close(tail, full[:, 13:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, token_nll(full[:, 13:], targets[:, 13:]).mean())
+    for bad in (-1, 20):
+        with pytest.raises(ValueError, match="logits_from must be in"):
+            model(tokens, logits_from=bad)
+
+
 def test_learned_positions_refuse_to_extrapolate():
     model = tiny("learned", max_len=16).eval()
     model(torch.zeros(1, 16, dtype=torch.long))

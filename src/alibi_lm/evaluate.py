@@ -86,10 +86,11 @@ def plan_windows(n_tokens: int, length: int, mode: str, stride: int = 1) -> list
 
 def window_nll(model: TransformerLM, inputs: Tensor, targets: Tensor, scored: int) -> Tensor:
     """NLL (B, scored) of the last `scored` predictions of a batch of windows (B, L), float32."""
-    logits, _ = model(inputs)  # (B, L, V)
     first = inputs.shape[1] - scored
+    logits, _ = model(inputs, logits_from=first)  # (B, scored, V)
+    targets = targets[:, first:]
     parts = [token_nll(logits[:, i : i + _NLL_SLICE], targets[:, i : i + _NLL_SLICE])
-             for i in range(first, inputs.shape[1], _NLL_SLICE)]
+             for i in range(0, scored, _NLL_SLICE)]
     return torch.cat(parts, dim=1)
 
 

@@ -98,7 +98,7 @@ def _generate_batch(model: TransformerLM, prompts: list[list[int]], generators: 
     cache = model.new_cache(len(prompts), width + max_new_tokens, dtype=cache_dtype)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    logits, _ = model(tokens, cache=cache, padding_mask=mask if padded else None)
+    logits, _ = model(tokens, cache=cache, padding_mask=mask if padded else None, logits_from=tokens.shape[1] - 1)
     for step in range(max_new_tokens):
         nxt = _sample(logits[:, -1], generators, temperature, top_k, top_p)  # (B,)
         ids = nxt.tolist()

@@ -343,12 +343,20 @@ class TransformerLM(nn.Module):
         *,
         cache: KVCache | None = None,
         padding_mask: Tensor | None = None,
+        logits_from: int = 0,
     ) -> tuple[Tensor, Tensor | None]:
         """tokens (B, T) int64; with a cache they continue the cached sequence (positions start at
         cache.length). padding_mask (B, S) marks the real tokens of everything so far (1) versus
-        left padding (0), for batches of prompts of different lengths; it needs a relative method."""
+        left padding (0), for batches of prompts of different lengths; it needs a relative method.
+        logits_from = s returns the logits of positions s..T-1 only, (B, T - s, V), and targets, if
+        given, are those positions' targets: a sliding evaluation window or a prompt's prefill needs
+        only its last predictions, and the output layer over the others is most of a window's cost
+        when the vocabulary is large."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (batch, length), got shape {tuple(tokens.shape)}")
+        if not 0 <= logits_from < tokens.shape[1]:
+            raise ValueError(f"logits_from must be in [0, {tokens.shape[1]}) for {tokens.shape[1]} tokens, "
+                             f"got {logits_from}")
         offset = cache.length if cache is not None else 0
         if padding_mask is not None:
             if isinstance(self.position, (Sinusoidal, Learned)):
@@ -366,6 +374,8 @@ class TransformerLM(nn.Module):
             x = block(x, self.position, offset, layer, cache, padding_mask)
         if cache is not None:
             cache.advance(tokens.shape[1])
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if logits_from:
+            x = x[:, logits_from:]
+        logits = self.lm_head(self.norm(x))  # (B, T - logits_from, V)
         loss = None if targets is None else token_nll(logits, targets).mean()
         return logits, loss
