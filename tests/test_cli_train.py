@@ -96,6 +96,7 @@ def test_resume_errors_never_delete_checkpoints(tmp_path, capsys, data_dir):
     _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True), "corrupt checkpoint")
     (run / "checkpoints" / "step_00000002" / "meta.json").write_text("{")
     _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True), "corrupt checkpoint")
-    _fails(capsys, ["train", "--config", str(run / "config.json")], "not valid TOML")
+    # the run's own config.json is a valid --config, and it points at this run
+    _fails(capsys, ["train", "--config", str(run / "config.json")], "already has checkpoints")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ckpts
     assert weights.read_bytes() == data[: len(data) // 2]

@@ -1,5 +1,7 @@
 """Config: presets load and build, overrides are typed by the field, unknown keys name the nearest."""
 
+import json
+
 import pytest
 import torch
 
@@ -48,6 +50,14 @@ def test_overrides_are_typed_by_the_field():
     ("model.position=alibl", 'did you mean "alibi"'),
     ("run.parallel=fsdp2", 'did you mean "fsdp"'),
     ("n_layers=2", "section.key=value"),
+    ("optim.beta1=2", r"optim.beta1 must be in \[0, 1\)"),
+    ("optim.beta2=-0.1", r"optim.beta2 must be in \[0, 1\)"),
+    ("optim.eps=-1", "optim.eps must be a positive finite number"),
+    ("optim.lr=inf", "optim.lr must be a positive finite number"),
+    ("optim.weight_decay=nan", "optim.weight_decay must be zero or a positive finite number"),
+    ("run.seed=99999999999999999999999", r"run.seed must be below 2\*\*63"),
+    ("run.out_dir= ", "run.out_dir is empty"),
+    ("model.alibi_max_bias=0", "model.alibi_max_bias must be a positive finite number"),
 ])
 def test_bad_overrides_are_user_errors(override, message):
     with pytest.raises(UserError, match=message):
@@ -64,3 +74,14 @@ def test_unknown_key_in_toml_file(tmp_path):
         load_config(str(path))
     with pytest.raises(UserError, match='did you mean "small"'):
         load_config("smal")
+
+
+def test_a_runs_config_json_is_a_config(tmp_path):
+    cfg = load_config("tiny", ["model.position=sinusoidal", "run.steps=7"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "world_size": 2}))  # what train writes into a run directory
+    again = load_config(str(path), ["run.steps=9"])
+    assert again.model == cfg.model and again.run.steps == 9
+    path.write_text(json.dumps({"architectures": ["BloomForCausalLM"]}))
+    with pytest.raises(UserError, match="is not a run's config.json"):
+        load_config(str(path))

@@ -9,6 +9,8 @@ Presets ship as package data in `alibi_lm/configs/` (`--config tiny` works from 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,12 +168,23 @@ class TrainConfig:
             if value not in valid:
                 raise UserError(f"unknown {name} {value!r}{closest_match_hint(value, valid)}; "
                                 f"valid: {', '.join(valid)}")
-        if not self.optim.lr > 0:
-            raise UserError(f"optim.lr must be positive, got {self.optim.lr}")
+        if not 0 < self.optim.lr < math.inf:
+            raise UserError(f"optim.lr must be a positive finite number, got {self.optim.lr}")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             raise UserError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
-        if self.optim.grad_clip < 0 or self.optim.weight_decay < 0:
-            raise UserError("optim.grad_clip and optim.weight_decay must be zero or positive")
+        for name, value in {"optim.grad_clip": self.optim.grad_clip, "optim.weight_decay": self.optim.weight_decay,
+                            "run.min_delta": self.run.min_delta}.items():
+            if not 0 <= value < math.inf:
+                raise UserError(f"{name} must be zero or a positive finite number, got {value}")
+        for name, value in {"optim.beta1": self.optim.beta1, "optim.beta2": self.optim.beta2}.items():
+            if not 0 <= value < 1:
+                raise UserError(f"{name} must be in [0, 1), got {value}")
+        if not 0 < self.optim.eps < math.inf:
+            raise UserError(f"optim.eps must be a positive finite number, got {self.optim.eps}")
+        if self.run.seed >= 2**63:
+            raise UserError(f"run.seed must be below 2**63, got {self.run.seed}")
+        if not self.run.out_dir.strip():
+            raise UserError("run.out_dir is empty; give the run a directory of its own (e.g. runs/my-run)")
 
     @property
     def valid_len(self) -> int:
@@ -243,6 +256,16 @@ def _read_toml(path_or_preset: str) -> tuple[dict, str]:
                             f"give a TOML file or a preset: {', '.join(presets())}")
         text = resources.files("alibi_lm").joinpath("configs", f"{name}.toml").read_bytes()
         origin = f"preset {name}"
+    if path.suffix == ".json":
+        # a run's config.json (what train writes into its run directory, and what a resume must match)
+        try:
+            values = json.loads(text.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UserError(f"{origin} is not valid JSON: {error}") from None
+        if not isinstance(values, dict) or not {"model", "data"} <= values.keys():
+            raise UserError(f"{origin} is not a run's config.json (no model and data sections)")
+        values.pop("world_size", None)
+        return values, origin
     try:
         return tomllib.loads(text.decode("utf-8")), origin
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:

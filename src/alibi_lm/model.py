@@ -108,6 +108,9 @@ class ModelConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
                 raise UserError(f"model.{name} must be a positive number or unset, got {value!r}")
+        bias = self.alibi_max_bias
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not 0 < bias < math.inf:
+            raise UserError(f"model.alibi_max_bias must be a positive finite number, got {bias!r}")
         if self.position == "rotary" and self.head_dim % 2:
             raise UserError(f"rotary positions need an even head dimension, got {self.head_dim}")
 
