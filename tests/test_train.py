@@ -181,3 +181,48 @@ def test_resume_with_no_steps_left_says_so(tmp_path, data_dir):
         train(config, resume=True, progress=False)
     more = load_config(str(_config_file(tmp_path, data_dir, "done", steps=3)), ["run.steps=5"])
     assert train(more, resume=True, progress=False).steps == 5
+
+
+def test_a_new_run_never_clobbers_files_it_did_not_write(tmp_path, data_dir):
+    config = load_config(str(_config_file(tmp_path, data_dir, "r", steps=2)), ["run.eval_every=1"])
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds files that are not a training run's \(notes.txt\)"):
+        train(config, progress=False)
+    (run_dir / "notes.txt").unlink()
+    (run_dir / "config.json").write_text('{"architectures": ["BloomForCausalLM"]}')  # a Hugging Face export
+    with pytest.raises(UserError, match=r"not a training run's \(config.json\)"):
+        train(config, progress=False)
+    (run_dir / "config.json").unlink()
+    assert train(config, progress=False).steps == 2  # an empty directory is fine
+
+    # a run whose checkpoints are gone still has its metrics and best model: a new run must not replace them
+    for path in step_checkpoints(run_dir):
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match="holds an earlier run"):
+        train(config, progress=False)
+    assert (run_dir / "metrics.jsonl").read_text() == metrics and (run_dir / "best").is_dir()
+
+
+def test_resume_drops_a_torn_metrics_line_and_refuses_a_weights_only_checkpoint(tmp_path, data_dir):
+    from alibi_lm.checkpoint import save_model_checkpoint
+
+    first = load_config(str(_config_file(tmp_path, data_dir, "m", steps=3)))
+    train(first, progress=False)
+    metrics = tmp_path / "m" / "metrics.jsonl"
+    with open(metrics, "ab") as f:
+        f.write(b'{"step": 4, "loss": 1.2')  # what a kill in the middle of a write leaves
+    more = load_config(str(_config_file(tmp_path, data_dir, "m", steps=5)))
+    assert train(more, resume=True, progress=False).steps == 5
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+    model_only = tmp_path / "w" / "checkpoints" / "step_00000002"
+    save_model_checkpoint(model_only, load_checkpoint(tmp_path / "m").model, train_len=32)
+    resume = load_config(str(_config_file(tmp_path, data_dir, "w", steps=5)))
+    with pytest.raises(UserError, match="holds model weights only"):
+        train(resume, resume=True, progress=False)

@@ -253,13 +253,45 @@ def _full_model_state(model: nn.Module, parallel: str) -> dict[str, torch.Tensor
     return model_state(model)
 
 
+# What a run writes into its directory; anything else there belongs to someone else.
+_RUN_FILES = {".lock", "config.json", "metrics.jsonl", "checkpoints", "best"}
+
+
+def _check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run (no --resume) writes config.json and metrics.jsonl and replaces best/: refuse a directory
+    whose files it would clobber: someone else's files, or an earlier run's metrics and best model
+    (a run killed before its first checkpoint, or one whose checkpoints were deleted)."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise UserError(f"run.out_dir {run_dir} is a file, not a directory")
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in _RUN_FILES)
+    config = run_dir / "config.json"
+    if not foreign and config.is_file():
+        try:
+            values = json.loads(config.read_text())
+            ours = isinstance(values, dict) and {"model", "data", "run"} <= values.keys()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            foreign = ["config.json"]
+    if foreign:
+        raise UserError(f"run.out_dir {run_dir} holds files that are not a training run's ({', '.join(foreign[:3])}); "
+                        "choose a new or empty directory")
+    metrics = run_dir / "metrics.jsonl"
+    if (run_dir / "best").exists() or (metrics.is_file() and metrics.stat().st_size > 0):
+        raise UserError(f"{run_dir} holds an earlier run (metrics.jsonl, best/) with no checkpoint to resume; "
+                        "choose another run.out_dir, or delete it to start over")
+
+
 def _check_same_model(saved: dict, current: ModelConfig, path: Path) -> None:
     now = current.to_dict()
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:
         shown = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}" for k in diff[:3])
-        raise UserError(f"cannot resume {path}: the model config differs ({shown}); use the run's config.json "
-                        "or a new run.out_dir")
+        run_config = path.parent.parent / "config.json"
+        raise UserError(f"cannot resume {path}: the model config differs ({shown}); resume with "
+                        f"--config {run_config} or train into a new run.out_dir")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,6 +332,15 @@ def _peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kilobytes on Linux
 
 
+def _metrics_record(line: str) -> dict | None:
+    """One line of metrics.jsonl, or None for a line a kill or a full disk left torn."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class _Metrics:
     """metrics.jsonl, appended by rank 0, flushed per line so a killed run keeps what it logged."""
 
@@ -307,8 +348,8 @@ class _Metrics:
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():
             # Lines past the checkpoint we resume from will be written again.
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in path.read_text(errors="replace").splitlines()
+                    if (record := _metrics_record(line)) is not None and record.get("step", 0) <= resume_step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)
@@ -362,6 +403,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
         if existing is None:
             raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
         ckpt_meta = read_checkpoint_meta(existing)  # verifies every file's checksum
+        if "optimizer_param_groups" not in ckpt_meta or "step" not in ckpt_meta:
+            raise UserError(f"cannot resume from {existing}: it holds model weights only, no optimizer and data "
+                            "state; start a new run.out_dir (or evaluate it as it is)")
         _check_same_model(ckpt_meta["model"], cfg.model, existing)
         if int(ckpt_meta["step"]) >= cfg.run.steps:
             raise UserError(f"nothing to resume: {existing} is at step {ckpt_meta['step']} and run.steps is "
@@ -372,6 +416,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     elif existing is not None:
         raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it or choose another "
                         "run.out_dir")
+    else:
+        _check_fresh_run_dir(run_dir)
 
     device = info.device
     if device.type == "cuda":
