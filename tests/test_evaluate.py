@@ -201,6 +201,8 @@ def test_evaluate_command_defaults_and_errors(checkpoint_and_data, capsys):
     (["--batch-tokens", "0"], "--batch-tokens must be a positive integer"),
     (["--stride", "0"], "--stride must be a positive integer"),
     (["-o", "."], "is a directory"),
+    (["--lengths", ""], "--lengths must be positive integers"),
+    (["--lengths", "100000000000"], "longer than the"),
 ])
 def test_evaluate_command_bad_options_fail_before_evaluating(checkpoint_and_data, capsys, args, message):
     from alibi_lm.cli import main
@@ -209,3 +211,60 @@ def test_evaluate_command_bad_options_fail_before_evaluating(checkpoint_and_data
     assert main(["evaluate", str(ckpt), "--data", str(data), "--no-progress", *args]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured.err
+
+
+def test_evaluate_command_protects_files_and_checks_its_inputs(checkpoint_and_data, tmp_path, capsys):
+    import json
+
+    from alibi_lm.cli import main
+    from alibi_lm.data import prepare
+
+    ckpt, data = checkpoint_and_data
+    base = ["evaluate", str(ckpt), "--data", str(data), "--no-progress", "--max-tokens", "300"]
+
+    def fails(args, message):
+        assert main(base + args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+    # -o never replaces a file that is not an earlier results file: here a checkpoint's own metadata
+    meta = ckpt / "meta.json"
+    before = meta.read_bytes()
+    fails(["-o", str(meta)], "is not an alibi-lm results file")
+    assert meta.read_bytes() == before
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    fails(["-o", str(blocker / "eval.json")], "is a file, not a folder")
+    # an earlier results file is replaced
+    out = tmp_path / "eval.json"
+    assert main(base + ["--lengths", "16", "-o", str(out)]) == 0
+    assert main(base + ["--lengths", "32", "-o", str(out)]) == 0
+    assert [e["length"] for e in json.loads(out.read_text())["evaluations"]] == [32]
+    # lengths the evaluated tokens cannot fill are dropped with a note, the others evaluated
+    capsys.readouterr()
+    assert main(base + ["--lengths", "16,5000"]) == 0
+    captured = capsys.readouterr()
+    assert "skipping lengths 5000" in captured.err and " 16" in captured.out
+
+    # a checkpoint given as data, and data made with another tokenizer, are one line each
+    fails(["--data", str(ckpt)], "is a model checkpoint, not a prepared data directory")
+    (tmp_path / "words.txt").write_text("".join(f"a b c d {i % 5}\n" for i in range(200)))
+    prepare(str(tmp_path / "words.txt"), tmp_path / "words", tokenizer="word", progress=False)
+    assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "words"), "--no-progress"]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+
+
+def test_default_lengths_stop_at_a_learned_models_last_position(tmp_path, capsys):
+    from alibi_lm.checkpoint import save_model_checkpoint
+    from alibi_lm.cli import main
+    from alibi_lm.data import prepare
+    from alibi_lm.tokenizer import Tokenizer
+
+    (tmp_path / "c.txt").write_text("".join(f"line {i}: some words\n" for i in range(300)))
+    prepare(str(tmp_path / "c.txt"), tmp_path / "data", tokenizer="bytes", progress=False)
+    model = TransformerLM(ModelConfig(vocab_size=256, n_layers=1, d_model=32, n_heads=2, position="learned",
+                                      max_len=64))
+    save_model_checkpoint(tmp_path / "ck", model, train_len=16, tokenizer=Tokenizer.bytes())
+    assert main(["evaluate", str(tmp_path / "ck"), "--data", str(tmp_path / "data"), "--no-progress"]) == 0
+    header = capsys.readouterr().out.splitlines()[1]
+    assert " 64" in header and " 128" not in header

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 NAME = "evaluate"
@@ -67,6 +69,59 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def fit_lengths(asked: list[int] | None, train_len: int, n_tokens: int, max_positions: int | None) -> list[int]:
+    """The lengths to evaluate: those asked for (default L..16L) that the split can fill. A window longer
+    than the split scores the same tokens as one of exactly its length, so it is dropped with a note;
+    the default range stops where a model with absolute positions (`learned`) stops."""
+    from alibi_lm.errors import UserError
+    from alibi_lm.evaluate import default_lengths
+
+    lengths = asked
+    if asked is None:
+        lengths = default_lengths(train_len)
+        if max_positions is not None:
+            lengths = [n for n in lengths if n <= max_positions]
+    predictions = n_tokens - 1
+    too_long = [n for n in lengths if n > predictions]
+    kept = [n for n in lengths if n <= predictions]
+    if too_long:
+        if not kept:
+            raise UserError(f"every evaluation length ({', '.join(map(str, too_long))}) is longer than the "
+                            f"{predictions:,} predictions of the evaluated tokens; use --lengths up to {predictions}")
+        print(f"note: skipping lengths {', '.join(map(str, too_long))}: longer than the {predictions:,} predictions "
+              "of the evaluated tokens", file=sys.stderr)
+    return kept
+
+
+def check_results_path(out: Path) -> None:
+    """Fail before a long evaluation, not after it: -o must be a writable file name that is new or an
+    earlier results file (those are replaced; any other file, a checkpoint's meta.json say, never is)."""
+    from alibi_lm.errors import UserError
+    from alibi_lm.evaluate import RESULTS_FORMAT
+
+    if out.is_dir():
+        raise UserError(f"-o {out} is a directory; give a file name such as {out / 'eval.json'}")
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"-o {out}: {parent} is a file, not a folder")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"-o {out}: cannot create its folder ({error.strerror or error})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"-o {out}: cannot write to {out.parent}")
+    if out.exists():
+        try:
+            ours = json.loads(out.read_text()).get("format") == RESULTS_FORMAT
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            ours = False
+        if not ours:
+            raise UserError(f"-o {out} exists and is not an alibi-lm results file; choose another name (earlier "
+                            "results files are replaced, other files never)")
+
+
 def find_data_dir(checkpoint_path: Path, meta: dict) -> Path | None:
     """The prepared directory a checkpoint was trained on: from its metadata, or the run's config.json."""
     candidates = [meta.get("data_path"), (meta.get("train_config") or {}).get("data", {}).get("path")]
@@ -88,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from alibi_lm.data import load_tokens, read_meta
     from alibi_lm.distributed import pick_device
     from alibi_lm.errors import UserError
-    from alibi_lm.evaluate import default_lengths, evaluate_model
+    from alibi_lm.evaluate import evaluate_model
     from alibi_lm.plots import results_table
 
     for name in ("stride", "batch_tokens"):
@@ -96,19 +151,22 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.max_tokens < 0:
         raise UserError(f"--max-tokens must be a positive integer (or 0 for all), got {args.max_tokens}")
-    if args.lengths:
+    if args.lengths is not None:
         parse_lengths(args.lengths)
     out = Path(args.out) if args.out else None
     if out is not None:  # check the destination before the (long) evaluation, not after it
-        if out.is_dir():
-            raise UserError(f"-o {out} is a directory; give a file name such as {out / 'eval.json'}")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        check_results_path(out)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint, device=device)
     data_dir = Path(args.data) if args.data else find_data_dir(ckpt.path, ckpt.meta)
     if data_dir is None:
         raise UserError(f"cannot tell which data {ckpt.path} was trained on; pass --data PREPARED_DIR")
     data_meta = read_meta(data_dir)
+    tok = ckpt.tokenizer
+    if tok is not None and (tok.kind, tok.vocab_size) != (data_meta.get("tokenizer"), data_meta["vocab_size"]):
+        raise UserError(f"{data_dir} was prepared with a {data_meta.get('tokenizer')} tokenizer of "
+                        f"{data_meta['vocab_size']} tokens, but {ckpt.path} was trained with a {tok.kind} tokenizer of "
+                        f"{tok.vocab_size}; evaluate on data prepared with the model's tokenizer")
     if data_meta["vocab_size"] > ckpt.config.vocab_size:
         raise UserError(f"{data_dir} has a vocabulary of {data_meta['vocab_size']} but the model only "
                         f"{ckpt.config.vocab_size}: it was prepared with another tokenizer")
@@ -119,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
             words = round(words * min(1.0, args.max_tokens / len(tokens)))
         tokens = tokens[: args.max_tokens]
     train_len = ckpt.train_len
-    lengths = parse_lengths(args.lengths) if args.lengths else default_lengths(train_len)
+    lengths = fit_lengths(parse_lengths(args.lengths) if args.lengths is not None else None, train_len,
+                          len(tokens), ckpt.model.position.max_positions)
     modes = ("nonoverlapping", "sliding") if args.mode == "both" else (args.mode,)
     results = evaluate_model(
         ckpt.model, tokens, train_len=train_len, lengths=lengths, modes=modes, stride=args.stride,
