@@ -78,3 +78,31 @@ def test_help_names_every_preset_and_the_plot_example_has_its_input(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "-o runs/small/eval.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 256000000000256 bytes."),
+])
+def test_running_out_of_memory_is_one_line_and_exit_code_2(monkeypatch, capsys, error):
+    from alibi_lm.commands import info
+
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr(info, "run", exhausted)
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory" in err
+
+
+def test_other_runtime_errors_are_not_hidden(monkeypatch):
+    from alibi_lm.commands import info
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(info, "run", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info"])

@@ -65,3 +65,11 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path), "--no-progress"]) == 2
     assert "did not write" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--seed", "99999999999999999999999"], ["--device", "gpu"]])
+def test_demo_checks_its_arguments_before_touching_the_folder(tmp_path, capsys, args):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--no-progress", *args]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not out.exists()

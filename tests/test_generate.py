@@ -86,7 +86,7 @@ def test_filters_and_sampling_distribution():
 def test_bad_arguments_are_user_errors():
     model = tiny_model("alibi")
     for kwargs in ({"temperature": -1}, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_k": 0},
-                   {"top_p": 1.5}, {"max_new_tokens": -1}):
+                   {"top_p": 1.5}, {"max_new_tokens": -1}, {"seed": -1}, {"seed": 2**63}):
         args = {"max_new_tokens": 3, **kwargs}
         with pytest.raises(UserError):
             generate(model, [[1]], **args)
@@ -94,6 +94,23 @@ def test_bad_arguments_are_user_errors():
         generate(model, [[99]], max_new_tokens=1)
     with pytest.raises(UserError, match="at least one token"):
         generate(model, [[]], max_new_tokens=1)
+
+
+def test_the_cache_grows_instead_of_reserving_max_new_tokens(monkeypatch):
+    """"Generate until the end-of-text token" asks for a huge max_new_tokens; only what is used is allocated."""
+    model = tiny_model("alibi")
+    capacities = []
+    original = type(model).new_cache
+
+    def recording(self, batch, capacity, *args, **kwargs):
+        capacities.append(capacity)
+        return original(self, batch, capacity, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "new_cache", recording)
+    stop = generate(model, [[1, 2, 3]], max_new_tokens=5, temperature=0)[0][-1]
+    out = generate(model, [[1, 2, 3]], max_new_tokens=10**12, temperature=0, stop_id=stop)
+    assert out[0][-1] == stop and len(out[0]) <= 5
+    assert capacities[-1] <= 3 + 1024
 
 
 def test_generate_command_streams_text(tmp_path, capsys):

@@ -14,6 +14,7 @@ meta.json, so a truncated or corrupted file is reported instead of loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,8 +98,13 @@ def write_json(path: str | Path, data) -> None:
     sees half a file (evaluation results, the demo summary)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError as error:  # report the user's path, not the temporary one
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def write_checkpoint(directory: str | Path, *, state: dict[str, torch.Tensor], config: ModelConfig, train_len: int,

@@ -74,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {error.filename}" if error.filename is not None else ""
         print(f"alibi-lm {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"alibi-lm {args.command}: error: out of memory ({first[:160]}); ask for less: shorter lengths, "
+              "fewer tokens per batch, fewer new tokens or a smaller model", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's CUDA OutOfMemoryError, the CPU allocator's RuntimeError."""
+    return (isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in str(error))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
     from alibi_lm.train import train
 
     started = time.perf_counter()
+    # every argument is checked before the folder is claimed and the data prepared
+    if steps is not None and steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {steps}")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be an integer in [0, 2**63), got {seed}")
+    eval_device = pick_device(device)
     out = Path(out_dir)
     _claim_folder(out)
     data_dir = out / "data"
@@ -66,7 +72,6 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
     test = load_tokens(data_dir, "test")
     words = data_meta["splits"]["test"].get("words")
 
-    eval_device = pick_device(device)
     if steps is None and quick:
         steps = QUICK_STEPS
     results, timings = [], {}
@@ -76,8 +81,6 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
         overrides = [f"model.position={position}", f"data.path={data_dir}", f"run.out_dir={run_dir}",
                      f"run.seed={seed}", f"run.device={device}"]
         if steps is not None:
-            if steps < 1:
-                raise UserError(f"--steps must be a positive integer, got {steps}")
             overrides.append(f"run.steps={steps}")
         cfg = load_config("demo", overrides)
         train_len = cfg.data.train_len

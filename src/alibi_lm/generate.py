@@ -46,8 +46,11 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
     return logits
 
 
+_CACHE_HEADROOM = 1024
+
+
 def _check(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-           top_k: int | None, top_p: float | None) -> None:
+           top_k: int | None, top_p: float | None, seed: int) -> None:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     vocab = model.cfg.vocab_size
@@ -63,6 +66,8 @@ def _check(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_token
         raise UserError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= seed < 2**63 - len(prompts):  # prompt i samples with seed + i, a 64-bit generator seed
+        raise UserError(f"seed must be an integer in [0, 2**63 - {len(prompts)}), got {seed}")
     limit = model.position.max_positions
     longest = max(len(p) for p in prompts) + max_new_tokens
     if limit is not None and longest > limit:
@@ -95,7 +100,9 @@ def _generate_batch(model: TransformerLM, prompts: list[list[int]], generators: 
     tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
     # under autocast the keys and values come out in the autocast dtype, and the cache must match
-    cache = model.new_cache(len(prompts), width + max_new_tokens, dtype=cache_dtype)
+    # Sized for the prompt and the first new tokens only: it grows as generation goes on, so a large
+    # --max-new-tokens (generate until the end-of-text token) does not allocate its worst case up front.
+    cache = model.new_cache(len(prompts), width + min(max_new_tokens, _CACHE_HEADROOM), dtype=cache_dtype)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     logits, _ = model(tokens, cache=cache, padding_mask=mask if padded else None, logits_from=tokens.shape[1] - 1)
@@ -143,7 +150,7 @@ def generate(
     The model is put in eval mode for the call.
     """
     prompts = [[int(t) for t in p] for p in prompts]
-    _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    _check(model, prompts, max_new_tokens, temperature, top_k, top_p, seed)
     device = next(model.parameters()).device
     amp = inference_autocast_dtype(model) if autocast_dtype == "auto" else autocast_dtype
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
