@@ -20,7 +20,7 @@ for the word tokenizer is the token perplexity):
   sliding window at 512 with stride 16 and at 2048 with stride 64 (--sliding). The paper's stride 1
   costs L forward tokens per scored token (125M tokens at 512, 500M at 2048 per model), too much for
   the time we have; with stride S each scored token sees between L - S + 1 and L tokens of context
-  (at least 97% of the window here), which is what the early-token-curse analysis needs.
+  (at least 96.9% of the window here), which is what the early-token-curse analysis needs.
 
 Results: <out>/<run>.json (written as soon as that run is evaluated, so a timeout loses nothing
 finished) and <out>/<run>.metrics.jsonl (the training curve). With --report: <out>/RESULTS_wt2.md

@@ -15,7 +15,7 @@ pass of one position; ALiBi models keep going past the length they were trained 
 
 Examples:
   alibi-lm generate runs/small --prompt "The history of" --max-new-tokens 200
-  alibi-lm generate runs/demo/alibi --prompt "def " --temperature 0 --max-new-tokens 100
+  alibi-lm generate alibi-demo/runs/alibi --prompt "def " --temperature 0 --max-new-tokens 100
 """
 
 
