@@ -106,3 +106,12 @@ def test_other_runtime_errors_are_not_hidden(monkeypatch):
     monkeypatch.setattr(info, "run", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["info"])
+
+
+def test_version_and_print_config(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"alibi-lm {__version__}"
+    assert main(["train", "--config", "tiny", "--set", "optim.lr=0.002", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "[optim]\nlr = 0.002\n" in printed and "[model]" in printed and "position = " in printed

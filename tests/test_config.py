@@ -85,3 +85,13 @@ def test_a_runs_config_json_is_a_config(tmp_path):
     path.write_text(json.dumps({"architectures": ["BloomForCausalLM"]}))
     with pytest.raises(UserError, match="is not a run's config.json"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "bloom-tiny"])
+def test_printed_config_reads_back_as_the_same_config(tmp_path, name):
+    from alibi_lm.config import to_toml
+
+    cfg = load_config(name, ["model.position=t5", "run.out_dir=runs/a \"quoted\" dir"])
+    path = tmp_path / "printed.toml"
+    path.write_text(to_toml(cfg))
+    assert load_config(str(path)).to_dict() == cfg.to_dict()

@@ -14,7 +14,7 @@ import pkgutil
 import sys
 from types import ModuleType
 
-from alibi_lm import commands
+from alibi_lm import __version__, commands
 from alibi_lm.errors import UserError
 
 __all__ = ["build_parser", "main"]
@@ -41,6 +41,7 @@ def _command_modules() -> list[ModuleType]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alibi-lm", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"alibi-lm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _command_modules():
         description = getattr(module, "DESCRIPTION", module.HELP)

@@ -295,6 +295,24 @@ def load_config(path_or_preset: str, overrides: Sequence[str] = ()) -> TrainConf
     return TrainConfig.from_dict(values)
 
 
+def to_toml(config: TrainConfig) -> str:
+    """The config as a TOML file that load_config reads back to the same config; unset (None) fields,
+    which TOML cannot write, are listed as comments."""
+    lines = []
+    for section, entries in config.to_dict().items():
+        lines += ["" if lines else None, f"[{section}]"]
+        for key, value in entries.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            elif isinstance(value, bool):
+                lines.append(f"{key} = {str(value).lower()}")
+            elif isinstance(value, str):
+                lines.append(f"{key} = {json.dumps(value)}")
+            else:
+                lines.append(f"{key} = {value!r}")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
 def config_from_dict(values: dict) -> TrainConfig:
     """The inverse of `TrainConfig.to_dict` (for config.json and checkpoint metadata)."""
     return TrainConfig.from_dict(values)
