@@ -93,7 +93,10 @@ def test_resume_errors_never_delete_checkpoints(tmp_path, capsys, data_dir):
     weights = run / "checkpoints" / "step_00000002" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True), "corrupt checkpoint")
+    _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True),
+           "corrupt checkpoint")
+    _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True),
+           "step_00000001 is intact: move step_00000002 out of")
     (run / "checkpoints" / "step_00000002" / "meta.json").write_text("{")
     _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True), "corrupt checkpoint")
     # the run's own config.json is a valid --config, and it points at this run

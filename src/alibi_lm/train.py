@@ -33,6 +33,7 @@ from alibi_lm.checkpoint import (
     prune_checkpoints,
     read_checkpoint_meta,
     save_model_checkpoint,
+    step_checkpoints,
     step_directory,
     unwrap_model,
     write_checkpoint,
@@ -284,6 +285,19 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
                         "choose another run.out_dir, or delete it to start over")
 
 
+def _intact_hint(run_dir: Path, broken: Path) -> str:
+    """Where a resume could start instead of a damaged newest checkpoint (nothing is deleted for the user)."""
+    for older in reversed(step_checkpoints(run_dir)):
+        if older == broken:
+            continue
+        try:
+            read_checkpoint_meta(older)
+        except UserError:
+            continue
+        return f"; {older.name} is intact: move {broken.name} out of {broken.parent} to resume from it"
+    return ""
+
+
 def _check_same_model(saved: dict, current: ModelConfig, path: Path) -> None:
     now = current.to_dict()
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
@@ -402,7 +416,10 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     if resume:
         if existing is None:
             raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-        ckpt_meta = read_checkpoint_meta(existing)  # verifies every file's checksum
+        try:
+            ckpt_meta = read_checkpoint_meta(existing)  # verifies every file's checksum
+        except UserError as error:
+            raise UserError(f"{error}{_intact_hint(run_dir, existing)}") from None
         if "optimizer_param_groups" not in ckpt_meta or "step" not in ckpt_meta:
             raise UserError(f"cannot resume from {existing}: it holds model weights only, no optimizer and data "
                             "state; start a new run.out_dir (or evaluate it as it is)")
