@@ -108,3 +108,17 @@ def test_prepared_data_or_foreign_meta_json_is_not_called_a_checkpoint_format(tm
     (tmp_path / "other" / "meta.json").write_text("[1, 2]")
     with pytest.raises(UserError, match="is not a checkpoint"):
         load_checkpoint(tmp_path / "other")
+
+
+def test_damaged_training_state_does_not_stop_inference_but_stops_a_resume(tmp_path):
+    from alibi_lm.checkpoint import model_state, read_checkpoint_meta, write_checkpoint
+
+    model = _model()
+    path = tmp_path / "step_00000005"
+    write_checkpoint(path, state=model_state(model), config=model.cfg, train_len=8,
+                     tensors={"optimizer": {"exp_avg.0": torch.randn(7)}, "train_state": {"rng": torch.randn(3)}})
+    (path / "optimizer.safetensors").write_bytes(b"damaged")
+    loaded = load_checkpoint(path)  # evaluation and generation read only the weights
+    assert all(torch.equal(v, loaded.model.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(UserError, match="optimizer.safetensors is truncated or damaged"):
+        read_checkpoint_meta(path)  # what a resume checks

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,8 @@ __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "prune_checkpoi
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
+# what train's checkpoints add for --resume (train.py writes them as the "optimizer" and "train_state" stems)
+_TRAINING_ONLY_FILES = frozenset({"optimizer.safetensors", "train_state.safetensors"})
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -216,8 +219,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def read_checkpoint_meta(path: str | Path, *, verify: bool = True) -> dict:
-    """meta.json of a checkpoint directory; with `verify`, every listed file's sha256 is checked."""
+def read_checkpoint_meta(path: str | Path, *, verify: bool = True, skip: Collection[str] = ()) -> dict:
+    """meta.json of a checkpoint directory; with `verify`, the sha256 of every listed file but those in
+    `skip` is checked."""
     path = Path(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
@@ -235,6 +239,8 @@ def read_checkpoint_meta(path: str | Path, *, verify: bool = True) -> dict:
                         f"(this alibi-lm reads version {FORMAT_VERSION})")
     if verify:
         for name, expected in meta.get("files", {}).items():
+            if name in skip:
+                continue
             file = path / name
             if not file.is_file():
                 raise UserError(f"corrupt checkpoint {path}: {name} is missing")
@@ -275,7 +281,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     """Load a checkpoint directory (or a run directory's newest checkpoint) for inference: the model
     in eval mode on `device`, its config, training length, tokenizer and metadata."""
     path = resolve_checkpoint(path)
-    meta = read_checkpoint_meta(path)
+    # inference never reads the optimizer and data state: damage there must not stop an evaluation
+    meta = read_checkpoint_meta(path, skip=_TRAINING_ONLY_FILES)
     try:
         config = ModelConfig.from_dict(meta["model"])
         config.validate()
