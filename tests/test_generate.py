@@ -127,7 +127,7 @@ def test_generate_command_streams_text(tmp_path, capsys):
     expected = generate(model, [list("héllo".encode())], max_new_tokens=40, temperature=0)[0]
     assert printed == "héllo" + bytes(expected).decode("utf-8", errors="replace") + "\n"
     assert main([*args[:2], "--prompt", "x", "--top-p", "2"]) == 2
-    for bad in (["--max-new-tokens", "-1"], ["--temperature", "nan"]):  # refused before the prompt is echoed
+    for bad in (["--max-new-tokens", "-1"], ["--temperature", "nan"], ["--stop-at-eos"]):  # refused before the echo
         capsys.readouterr()
         assert main([*args[:2], "--prompt", "x", *bad]) == 2
         captured = capsys.readouterr()

@@ -80,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
     if ckpt.tokenizer is None:
         raise UserError(f"{ckpt.path} has no tokenizer.json, so text cannot be encoded; copy the tokenizer.json "
                         "of its prepared data directory into it")
+    if args.stop_at_eos and ckpt.tokenizer.eos_id is None:
+        raise UserError(f"--stop-at-eos: the {ckpt.tokenizer.kind} tokenizer of {ckpt.path} has no end-of-text "
+                        "token; leave the option out (generation stops after --max-new-tokens)")
     prompt = ckpt.tokenizer.encode(args.prompt)
     if not prompt:
         raise UserError("the prompt encodes to no tokens; give some text")
