@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -99,3 +100,43 @@ def test_output_without_an_image_suffix_or_a_directory_is_a_user_error(tmp_path,
         assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
     assert main(["plot", str(path), "-o", str(tmp_path / "ok.SVG")]) == 0
+
+
+@pytest.mark.parametrize(("evaluations", "message"), [
+    ([{}], "record 1: mode must be"),
+    ([{"mode": "nonoverlapping", "length": "64", "ppl": 3.0}], "length must be a positive integer, got '64'"),
+    ([{"mode": "nonoverlapping", "length": 64, "ppl": None}], "ppl must be a number, got None"),
+    ([{"mode": "nonoverlapping", "length": 64, "ppl": 5.0}, {"mode": "nonoverlapping", "length": 128, "ppl": 0}],
+     "record 2: ppl must be positive"),
+    ([{"mode": "sliding", "length": 64, "ppl": 5.0}], "stride must be a positive integer"),
+    ([{"mode": "nonoverlapping", "length": 64, "ppl": 5.0, "loss_by_position": [1.0, "x"]}], "loss_by_position"),
+    ([[1, 2]], "must be a JSON object"),
+    ([], "holds no evaluations: nothing to plot"),
+])
+def test_malformed_records_are_one_line_naming_the_file(tmp_path, capsys, evaluations, message):
+    from alibi_lm.cli import main
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"format": FORMAT, "format_version": 1, "evaluations": evaluations}))
+    with pytest.raises(UserError, match=message):
+        load_results([path])
+    assert main(["plot", str(path), "-o", str(tmp_path / "r.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and str(path) in captured.err and message.split(":")[-1] in captured.err
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_infinite_perplexity_is_plotted_at_the_top(tmp_path, capsys):
+    from alibi_lm.cli import main
+
+    # a diverged model's loss overflows exp(): evaluate writes Infinity (or NaN), a real result to show
+    run = fake_result("sinusoidal", {64: 30.0, 128: 400.0, 256: math.inf, 512: math.nan})
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(run))
+    (loaded,) = load_results([path])
+    drawn = plot_results([loaded], tmp_path / "r.png")
+    assert drawn["ppl"]["sinusoidal"][0] == [64, 128, 256, 512]
+    assert drawn["not_finite"] == {"sinusoidal": [256, 512]}
+    assert has_color(read_png(tmp_path / "r.png"), "#1f77b4")
+    assert "inf" in results_table([loaded])
+    assert main(["plot", str(path), "-o", str(tmp_path / "cli.png")]) == 0 and capsys.readouterr().err == ""

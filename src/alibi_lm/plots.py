@@ -18,8 +18,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alibi_lm.errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 __all__ = ["FORMAT", "check_image_path", "load_results", "plot_results", "results_table", "series"]
 
@@ -27,7 +31,8 @@ FORMAT = "alibi-lm-eval"
 
 
 def load_results(paths: Sequence[str | Path]) -> list[dict]:
-    """Read results files; a missing or foreign file is a UserError naming it."""
+    """Read results files; a missing or foreign file, or one whose records are malformed (a hand-edited
+    or truncated-then-fixed file), is a UserError naming it, so plotting and the table need no guards."""
     results = []
     for path in paths:
         path = Path(path)
@@ -40,9 +45,75 @@ def load_results(paths: Sequence[str | Path]) -> list[dict]:
                 from None
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("evaluations"), list):
             raise UserError(f"{path} is not an alibi-lm evaluation results file (written by `alibi-lm evaluate -o`)")
+        if not data["evaluations"]:
+            raise UserError(f"{path} holds no evaluations: nothing to plot")
+        problem = _result_problem(data)
+        if problem:
+            raise UserError(f"{path}: {problem}; pass files written by `alibi-lm evaluate -o`")
         data.setdefault("label", path.stem)
         results.append(data)
     return results
+
+
+def _show(value: object) -> str:
+    """repr of a value for an error message, cut short: a misplaced list may hold thousands of items."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: object) -> bool:
+    # JSON true/false load as bool, a subclass of int: a flag is never a perplexity or a length
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _perplexity_problem(value: object, name: str) -> str | None:
+    """Why `value` is no perplexity. exp(loss) is positive; an overflowing loss gives infinity (written as
+    JSON `Infinity`) and a diverged model's NaN loss gives NaN: both are real results and are kept."""
+    if not _is_number(value):
+        return f"{name} must be a number, got {_show(value)}"
+    if value <= 0:
+        return f"{name} must be positive (a perplexity is exp(loss) > 0), got {value!r}"
+    return None
+
+
+def _record_problem(record: object) -> str | None:
+    """What is wrong with one record of "evaluations" (see `evaluate.evaluate_lengths`), or None."""
+    if not isinstance(record, dict):
+        return f"must be a JSON object, got {_show(record)}"
+    if record.get("mode") not in ("nonoverlapping", "sliding"):
+        return f"mode must be nonoverlapping or sliding, got {_show(record.get('mode'))}"
+    # the table's sliding heading names the strides, so a sliding record needs one
+    required = ("length", "stride") if record["mode"] == "sliding" else ("length",)
+    for name in ("length", "stride"):
+        if (name in required or record.get(name) is not None) and not _is_positive_int(record.get(name)):
+            return f"{name} must be a positive integer, got {_show(record.get(name))}"
+    problem = _perplexity_problem(record.get("ppl"), "ppl")
+    if problem is None and record.get("word_ppl") is not None:
+        problem = _perplexity_problem(record["word_ppl"], "word_ppl")
+    if problem:
+        return problem
+    by_position = record.get("loss_by_position")
+    if by_position is not None and (not isinstance(by_position, list)
+                                    or not all(v is None or _is_number(v) for v in by_position)):
+        return "loss_by_position must be a list of numbers (null where a position was never scored)"
+    return None
+
+
+def _result_problem(data: dict) -> str | None:
+    """What is wrong with a results document, or None; checked on load, so that plotting and the table
+    can index every record without guarding."""
+    train_len = data.get("train_len")
+    if train_len is not None and not _is_positive_int(train_len):
+        return f"train_len must be a positive integer, got {_show(train_len)}"
+    for i, record in enumerate(data["evaluations"]):
+        problem = _record_problem(record)
+        if problem:
+            return f"evaluation record {i + 1}: {problem}"
+    return None
 
 
 def check_image_path(out_path: str | Path) -> Path:
@@ -93,7 +164,8 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
 
     metric: "ppl" (per token) or "word_ppl" (falls back to ppl where a record has none).
     Returns what was drawn: {"ppl": {line label: (lengths, values)}, "loss_by_position": {label: (x, y)},
-    "train_lens": [...]}, which tests and callers can check.
+    "train_lens": [...], "not_finite": {line label: [lengths whose value is inf or NaN, marked at the top]}},
+    which tests and callers can check.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -101,6 +173,8 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
 
     if not results:
         raise UserError("nothing to plot: no results given")
+    if not any(r.get("evaluations") for r in results):
+        raise UserError("nothing to plot: the results hold no evaluations")
     out_path = check_image_path(out_path)
     drawn: dict = {"ppl": {}, "loss_by_position": {}, "train_lens": []}
     with_positions = [r for r in results if any(e.get("loss_by_position") for e in r["evaluations"])]
@@ -110,6 +184,7 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
     ax = axes[0]
     colors = [f"C{i % 10}" for i in range(len(results))]
     length_ticks: set[int] = set()
+    line_colors: dict[str, str] = {}
     for result, color in zip(results, colors):
         label = str(result.get("label"))
         for mode, style in (("nonoverlapping", "-"), ("sliding", "--")):
@@ -119,6 +194,7 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
             name = label if mode == "nonoverlapping" else f"{label} (sliding)"
             ax.plot(xs, ys, style, marker="o", markersize=4, color=color, label=name)
             drawn["ppl"][name] = (xs, ys)
+            line_colors[name] = color
             length_ticks.update(xs)
         train_len = result.get("train_len")
         if train_len and train_len not in drawn["train_lens"]:
@@ -132,9 +208,10 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
         ax.set_xticks(ticks)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1024:g}k" if x >= 1024 else f"{x:g}"))
         ax.xaxis.set_minor_formatter(FuncFormatter(lambda *_: ""))
-    values = [y for line in drawn["ppl"].values() for y in line[1]]
+    values = [y for line in drawn["ppl"].values() for y in line[1] if math.isfinite(y)]
     if values and max(values) / min(values) > 8:
         ax.set_yscale("log")  # an exploding sinusoidal curve would flatten every other line
+    drawn["not_finite"] = _mark_not_finite(ax, drawn["ppl"], line_colors, ceiling=2 * max(values) if values else 1.0)
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("word-level perplexity" if metric == "word_ppl" else "perplexity")
     ax.set_title(title or "Perplexity vs evaluation length")
@@ -164,6 +241,20 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=dpi)
     return drawn
+
+
+def _mark_not_finite(ax: Axes, lines: dict[str, tuple[list[int], list[float]]], colors: dict[str, str],
+                     ceiling: float) -> dict[str, list[int]]:
+    """Draw infinite or NaN perplexities (a diverged model) as triangles at `ceiling`, above every finite
+    point: matplotlib would silently leave them out, hiding the very result that matters."""
+    marked: dict[str, list[int]] = {}
+    for name, (xs, ys) in lines.items():
+        at = [x for x, y in zip(xs, ys) if not math.isfinite(y)]
+        if at:
+            ax.plot(at, [ceiling] * len(at), linestyle="none", marker="^", markersize=8, color=colors[name],
+                    label=None if marked else "not finite (diverged), drawn at the top")
+            marked[name] = at
+    return marked
 
 
 def results_table(results: Sequence[dict], *, metric: str = "ppl", markdown: bool = False) -> str:
