@@ -350,3 +350,122 @@ def test_export_overwrite_keeps_the_old_folder_until_the_new_one_is_in_place(tmp
     hf = BloomForCausalLM.from_pretrained(out).eval()
     x = tokens(2, 12, seed=5)
     torch.testing.assert_close(hf_logits(hf, x), our_logits(model, x), atol=TOL, rtol=0)
+
+
+def _bloom_checkpoint(path):
+    from alibi_lm.checkpoint import save_model_checkpoint
+
+    save_model_checkpoint(path, TransformerLM(bloom_model_config(VOCAB, 1, 24, 6)), train_len=16)
+    return path
+
+
+def test_cli_import_reports_unreadable_weight_files_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "bloom"
+    saved_bloom(folder, 4)
+    (folder / "model.safetensors").unlink()
+    for name, content in (("pytorch_model.bin", b"junk\n"), ("pytorch_model.bin", b"\x80\x02}q\x00.garbage"),
+                          ("model.safetensors", b"junk\n")):
+        (folder / name).write_bytes(content)
+        code, err = _cli(["import", str(folder), str(tmp_path / "out")], capsys)
+        assert code == 2 and len(err) == 1 and f"cannot read {folder / name} (truncated or corrupt?)" in err[0], err
+        (folder / name).unlink()
+    torch.save([torch.zeros(2)], folder / "pytorch_model.bin")  # a readable file, but no state dict
+    code, err = _cli(["import", str(folder), str(tmp_path / "out")], capsys)
+    assert code == 2 and len(err) == 1 and "does not hold a state dict" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_import_says_an_alibi_lm_checkpoint_or_run_needs_no_import(tmp_path, capsys):
+    from alibi_lm.checkpoint import save_model_checkpoint
+
+    ckpt = _bloom_checkpoint(tmp_path / "ck")
+    run = tmp_path / "run"
+    save_model_checkpoint(run / "checkpoints" / "step_00000001", TransformerLM(bloom_model_config(VOCAB, 1, 24, 6)),
+                          train_len=16)
+    (run / "config.json").write_text(json.dumps({"model": {"position": "alibi"}, "run": {}, "data": {}}))
+    for path, kind in ((ckpt, "checkpoint"), (run, "run directory")):
+        code, err = _cli(["import", str(path), str(tmp_path / "out")], capsys)
+        assert code == 2 and len(err) == 1 and f"already an alibi-lm {kind} and needs no import" in err[0], err
+
+
+@pytest.mark.parametrize(("arch", "change", "message"), [
+    ("bloom", {"n_head": "four"}, "n_head must be a positive integer, got 'four'"),
+    ("bloom", {"hidden_size": 0}, "hidden_size must be a positive integer"),
+    ("bloom", {"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon must be a positive number"),
+    ("bloom", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ("bloom", {"seq_length": "2048"}, "seq_length must be a positive integer"),
+    ("mpt", {"n_layers": 2.5}, "n_layers must be a positive integer"),
+    ("mpt", {"max_seq_len": "64"}, "max_seq_len must be a positive integer"),
+    ("mpt", {"attn_config": ["alibi"]}, "attn_config must be a JSON object"),
+    ("mpt", {"attn_config": {"alibi_bias_max": "8"}}, "attn_config.alibi_bias_max must be a positive number"),
+    ("mpt", {"attn_config": {"clip_qkv": True}}, "attn_config.clip_qkv must be a positive number"),
+])
+def test_import_names_a_config_field_of_the_wrong_type(tmp_path, arch, change, message):
+    from safetensors.torch import save_file
+
+    base = ({"model_type": "bloom", "hidden_size": 32, "n_head": 4, "n_layer": 1} if arch == "bloom" else
+            {"model_type": "mpt", "d_model": 32, "n_heads": 4, "n_layers": 1, "max_seq_len": 64})
+    (tmp_path / "config.json").write_text(json.dumps({**base, **change}))
+    # the fields are checked before any tensor is looked up, so one stand-in tensor is enough
+    save_file({"transformer.x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(UserError, match=message) as error:
+        import_hf(tmp_path)
+    assert str(error.value).startswith("config.json: ")
+
+
+def test_export_and_import_name_the_users_destination_not_a_temporary_one(tmp_path, capsys, monkeypatch):
+    import errno
+    import sys
+    from pathlib import Path
+
+    import safetensors.torch
+
+    ckpt = _bloom_checkpoint(tmp_path / "ck")
+    hf = tmp_path / "hf"
+    export_bloom(TransformerLM(bloom_model_config(VOCAB, 1, 24, 6)), hf)
+    (tmp_path / "file").write_text("x")
+    destinations = [(tmp_path / "file" / "out", "is a file, not a directory")]
+    if sys.platform == "linux":  # /proc takes no new folders, even from root
+        destinations.append((Path("/proc/alibi-lm-out"), "cannot write in /proc"))
+    for out, message in destinations:
+        for argv in (["export", str(ckpt), str(out)], ["import", str(hf), str(out)]):
+            code, err = _cli(argv, capsys)
+            assert code == 2 and len(err) == 1 and f"cannot create {out}: " in err[0] and message in err[0], err
+
+    def full_disk(tensors, filename, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv, out in ((["export", str(ckpt), str(tmp_path / "new-hf")], tmp_path / "new-hf"),
+                      (["import", str(hf), str(tmp_path / "new-ck")], tmp_path / "new-ck")):
+        code, err = _cli(argv, capsys)
+        assert code == 2 and err == [f"alibi-lm {argv[0]}: error: No space left on device: {out}"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary folders left behind
+
+
+def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
+    ckpt = _bloom_checkpoint(tmp_path / "ck")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("my notes")
+    code, err = _cli(["export", str(ckpt), str(notes), "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "not an earlier export" in err[0], err
+    assert (notes / "notes.txt").read_text() == "my notes"
+
+    hf = tmp_path / "hf"
+    assert main(["export", str(ckpt), str(hf)]) == 0
+    (hf / "data").mkdir()  # an export writes no folders: this one is the user's
+    code, err = _cli(["export", str(ckpt), str(hf), "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "not an earlier export" in err[0] and "'data'" in err[0], err
+    (hf / "data").rmdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, err = _cli(["export", str(ckpt), str(hf), "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "not a BLOOM config" in err[0], err
+    (hf / "config.json").unlink()
+    code, err = _cli(["export", str(ckpt), str(hf), "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "no config.json" in err[0], err
+    assert (hf / "model.safetensors").is_file()
+    # an earlier export, with a tokenizer or not, is replaced
+    assert main(["export", str(ckpt), str(tmp_path / "hf2")]) == 0
+    assert main(["export", str(ckpt), str(tmp_path / "hf2"), "--overwrite"]) == 0

@@ -170,8 +170,56 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise UserError(f"{out_dir} is an alibi-lm checkpoint; export into a new directory (it is never replaced)")
     if (out_dir / "checkpoints").is_dir():
         raise UserError(f"{out_dir} is an alibi-lm run directory; export into a new directory (it is never replaced)")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out_dir} already exists and is not empty; choose a new directory or pass --overwrite")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out_dir} already exists and is not empty; choose a new directory or pass --overwrite")
+        # --overwrite deletes the folder: only ever one that an earlier export wrote, never a user's files
+        problem = _not_an_export(out_dir)
+        if problem:
+            raise UserError(f"{out_dir} is not an earlier export ({problem}); --overwrite replaces only a folder "
+                            "written by `alibi-lm export`: choose a new directory")
+    _check_can_create(out_dir)
+
+
+def _not_an_export(directory: Path) -> str | None:
+    """Why `directory` does not look like what `export_bloom` writes (a BLOOM config.json and
+    model.safetensors, maybe tokenizer files), or None if it does. Files beside them are tolerated (an
+    older alibi-lm may have written others); folders are not, as an export never writes one."""
+    folders = sorted(p.name for p in directory.iterdir() if p.is_dir())
+    if folders:
+        return f"it holds folders, e.g. {folders[0]!r}, and an export writes none"
+    if not (directory / "model.safetensors").is_file():
+        return "it has no model.safetensors"
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except FileNotFoundError:
+        return "it has no config.json"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "its config.json is not valid JSON"
+    if not isinstance(config, dict) or config.get("model_type") != "bloom":
+        return "its config.json is not a BLOOM config"
+    return None
+
+
+def _check_can_create(out: Path) -> None:
+    """Fail before any work if `out` cannot be created where it is named. The writers work in a hidden
+    temporary sibling of `out`, whose name would otherwise be the one in the error (`/proc/.out.x1y2`).
+    Probes the nearest existing folder with a temporary directory, so nothing is left behind."""
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create {out}: {ancestor} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=ancestor))
+    except OSError as error:
+        raise UserError(f"cannot create {out}: cannot write in {ancestor} ({error.strerror or error})") from None
+
+
+def _naming(error: OSError, out: Path) -> OSError:
+    """`error` with the user's destination as its file name instead of an internal temporary path; the
+    CLI prints an OSError as one line, its reason and file name. It stays an OSError for API callers."""
+    return OSError(error.errno, error.strerror or str(error), str(out))
 
 
 def _write_tokenizer(tokenizer: Any, directory: Path, model_max_length: int | None) -> dict:
@@ -210,8 +258,11 @@ def export_bloom(model: TransformerLM, out_dir: str | os.PathLike, *, tokenizer:
         raise UserError(f"BLOOM cannot express this model: {'; '.join(bad)}")
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as error:
+        raise _naming(error, out_dir) from None
     try:
         eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
         config = _bloom_config_json(model.cfg, train_len, eos_id, model.embed.weight.dtype)
@@ -221,6 +272,9 @@ def export_bloom(model: TransformerLM, out_dir: str | os.PathLike, *, tokenizer:
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp, train_len)
         _replace_dir(tmp, out_dir)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming(error, out_dir) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -248,9 +302,39 @@ def _replace_dir(new: Path, target: Path) -> None:
 # Import: reading a Hugging Face folder
 
 
+def _json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None where there is none (missing, unreadable, not an object)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _alibi_lm_kind(directory: Path) -> str | None:
+    """"checkpoint" or "run directory" where `directory` is alibi-lm's own, else None. A checkpoint has
+    no config.json and a run's config.json is a training config, so both would be reported as foreign
+    Hugging Face folders, which misleads: they need no import at all."""
+    meta = _json_object(directory / "meta.json")
+    # a prepared data directory has a meta.json too, without a model config
+    if meta is not None and "model" in meta and "format_version" in meta:
+        return "checkpoint"
+    config = _json_object(directory / "config.json") or {}
+    if "model_type" in config or "architectures" in config:
+        return None  # a Hugging Face config, whatever else lies beside it
+    run_config = isinstance(config.get("model"), dict) and "run" in config
+    if run_config or (directory / "checkpoints").is_dir() or (directory / "metrics.jsonl").is_file():
+        return "run directory"
+    return None
+
+
 def _read_config(hf_dir: Path) -> dict:
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory; give a local Hugging Face model folder (config.json + weights)")
+    kind = _alibi_lm_kind(hf_dir)
+    if kind:
+        raise UserError(f"{hf_dir} is already an alibi-lm {kind} and needs no import; use it as it is "
+                        f"(e.g. alibi-lm evaluate {hf_dir})")
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"no config.json in {hf_dir}: not a Hugging Face model folder")
@@ -265,7 +349,8 @@ def _read_config(hf_dir: Path) -> dict:
 
 def _model_type(config: dict, hf_dir: Path) -> str:
     kind = str(config.get("model_type", "")).lower()
-    architectures = [str(a) for a in config.get("architectures") or []]
+    architectures = config.get("architectures") or []
+    architectures = [str(a) for a in architectures] if isinstance(architectures, list) else [str(architectures)]
     if kind in ("bloom", "mpt"):
         return kind
     if any(a.startswith("Bloom") for a in architectures):
@@ -291,8 +376,10 @@ def load_hf_weights(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
         path = index if index.is_file() else bin_index
         try:
             weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise UserError(f"{path} is not a valid weight index (no weight_map)") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{path} is not a valid weight index (weight_map must map tensor names to file names)")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -307,12 +394,22 @@ def load_hf_weights(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
     for file in files:
         try:
             if file.suffix == ".safetensors":
-                state.update(load_file(str(file)))
+                tensors = load_file(str(file))
             else:
-                state.update(torch.load(file, map_location="cpu", weights_only=True))
+                tensors = torch.load(file, map_location="cpu", weights_only=True)
         except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot read {file} (truncated or corrupt?): {first}") from None
+        except MemoryError:
+            raise  # a file too large for this machine is not a corrupt one
+        except Exception:
+            # torch's weights-only unpickler fails on junk with whatever error the bytes lead to
+            # (KeyError, UnpicklingError, ...), and its text is about torch internals: say no more
+            raise UserError(f"cannot read {file} (truncated or corrupt?)") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                    for k, v in tensors.items()):
+            raise UserError(f"cannot read {file}: it does not hold a state dict (tensors by name)")
+        state.update(tensors)
     return state
 
 
@@ -340,24 +437,75 @@ class _Weights:
         return sorted(set(self.state) - self.used)
 
 
-def _int(config: dict, *names: str) -> int:
+def _optional_int(config: dict, *names: str) -> int | None:
+    """The first of `names` in config.json that is set, as a positive integer, or None if none is; a
+    value of another type is an error naming it (not skipped, which would report the field as missing)."""
     for name in names:
-        if isinstance(config.get(name), int):
-            return config[name]
+        value = config.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"config.json: {name} must be a positive integer, got {value!r}")
+        return value
+    return None
+
+
+def _int(config: dict, *names: str, default: int | None = None) -> int:
+    """`_optional_int`, falling back to `default`; with no default, a missing field is an error."""
+    value = _optional_int(config, *names)
+    if value is not None:
+        return value
+    if default is not None:
+        return default
     raise UserError(f"config.json has no {' or '.join(names)}")
 
 
+def _optional_float(section: dict, name: str, where: str = "") -> float | None:
+    """`section[name]` as a positive finite number, None when unset (absent or null)."""
+    value = section.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise UserError(f"config.json: {where}{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _float(section: dict, name: str, default: float, where: str = "") -> float:
+    value = _optional_float(section, name, where)
+    return default if value is None else value
+
+
+def _bool(section: dict, name: str, default: bool, where: str = "") -> bool:
+    """`section[name]` as a JSON boolean, `default` when unset; bool("false") would read as true."""
+    value = section.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UserError(f"config.json: {where}{name} must be true or false, got {value!r}")
+    return value
+
+
+def _section(config: dict, name: str) -> dict:
+    value = config.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"config.json: {name} must be a JSON object, got {value!r}")
+    return value
+
+
 def _bloom_import(config: dict, weights: _Weights) -> tuple[ModelConfig, dict[str, Tensor], int, list[str]]:
-    if config.get("apply_residual_connection_post_layernorm"):
+    if _bool(config, "apply_residual_connection_post_layernorm", False):
         raise UserError("this BLOOM model sets apply_residual_connection_post_layernorm=true, which alibi-lm's "
                         "pre-LayerNorm blocks cannot express")
     d_model = _int(config, "hidden_size", "n_embed")
     n_heads = _int(config, "n_head", "num_attention_heads")
     n_layers = _int(config, "n_layer", "num_hidden_layers")
+    norm_eps = _float(config, "layer_norm_epsilon", 1e-5)
+    tied = _bool(config, "tie_word_embeddings", True)
+    train_len = _optional_int(config, "seq_length")
     embed = weights.take("transformer.word_embeddings.weight")
-    tied = bool(config.get("tie_word_embeddings", True))
-    cfg = bloom_model_config(embed.shape[0], n_layers, d_model, n_heads,
-                             norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), tie_embeddings=tied)
+    cfg = bloom_model_config(embed.shape[0], n_layers, d_model, n_heads, norm_eps=norm_eps, tie_embeddings=tied)
     cfg.validate()
     state: dict[str, Tensor] = {}
     for mine, theirs in _bloom_names(cfg):
@@ -367,17 +515,17 @@ def _bloom_import(config: dict, weights: _Weights) -> tuple[ModelConfig, dict[st
         state[mine] = t
     if tied and weights.has("lm_head.weight"):
         weights.take("lm_head.weight")  # a saved copy of the tied embedding; transformers ignores it too
-    train_len = config.get("seq_length")
-    notes = [] if isinstance(train_len, int) else [f"config.json names no training length; assuming "
-                                                   f"{BLOOM_DEFAULT_TRAIN_LEN} (BLOOM's)"]
-    return cfg, state, train_len if isinstance(train_len, int) else BLOOM_DEFAULT_TRAIN_LEN, notes
+    if train_len is not None:
+        return cfg, state, train_len, []
+    notes = [f"config.json names no training length; assuming {BLOOM_DEFAULT_TRAIN_LEN} (BLOOM's)"]
+    return cfg, state, BLOOM_DEFAULT_TRAIN_LEN, notes
 
 
 def _mpt_import(config: dict, weights: _Weights) -> tuple[ModelConfig, dict[str, Tensor], int, list[str]]:
-    attn = config.get("attn_config") or {}
-    ffn = config.get("ffn_config") or {}
+    attn = _section(config, "attn_config")
+    ffn = _section(config, "ffn_config")
     unsupported = []
-    if not attn.get("alibi", True):
+    if not _bool(attn, "alibi", True, "attn_config."):
         unsupported.append("attn_config.alibi=false (learned positions, not ALiBi)")
     if attn.get("attn_type", "multihead_attention") != "multihead_attention":
         unsupported.append(f"attn_config.attn_type={attn['attn_type']!r}")
@@ -397,16 +545,21 @@ def _mpt_import(config: dict, weights: _Weights) -> tuple[ModelConfig, dict[str,
     d_model = _int(config, "d_model", "hidden_size")
     n_heads = _int(config, "n_heads", "num_attention_heads")
     n_layers = _int(config, "n_layers", "num_hidden_layers")
-    bias = not bool(config.get("no_bias", True))
-    tied = bool(config.get("tie_word_embeddings", True))
+    train_len = _int(config, "max_seq_len", default=2048)
+    bias = not _bool(config, "no_bias", True)
+    tied = _bool(config, "tie_word_embeddings", True)
+    norm_eps = _float(config, "layer_norm_epsilon", 1e-5)
+    max_bias = _float(attn, "alibi_bias_max", 8.0, "attn_config.")
+    # MPT's clip_qkv of 0 means "no clipping", as null does
+    qkv_clip = None if attn.get("clip_qkv") == 0 else _optional_float(attn, "clip_qkv", "attn_config.")
+    attn_scale = _optional_float(attn, "softmax_scale", "attn_config.")
     embed = weights.take("transformer.wte.weight")
     up = weights.take("transformer.blocks.0.ffn.up_proj.weight")
-    max_bias = float(attn.get("alibi_bias_max", 8))
     cfg = ModelConfig(
         vocab_size=embed.shape[0], n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_ff=up.shape[0],
         position="alibi", norm="layernorm", activation="gelu", bias=bias, embed_norm=False,
-        norm_eps=float(config.get("layer_norm_epsilon", 1e-5)), tie_embeddings=tied, slope_rule="mpt",
-        alibi_max_bias=max_bias, qkv_clip=attn.get("clip_qkv") or None, attn_scale=attn.get("softmax_scale"),
+        norm_eps=norm_eps, tie_embeddings=tied, slope_rule="mpt",
+        alibi_max_bias=max_bias, qkv_clip=qkv_clip, attn_scale=attn_scale,
     )
     cfg.validate()
     params = ("weight", "bias") if bias else ("weight",)
@@ -428,7 +581,7 @@ def _mpt_import(config: dict, weights: _Weights) -> tuple[ModelConfig, dict[str,
                      "MptForCausalLM ignores it (always 8), so its logits differ from ours for this model")
     if bias:
         notes.append("no_bias=false: biases are kept; transformers' MptForCausalLM drops them")
-    return cfg, state, _int(config, "max_seq_len") if "max_seq_len" in config else 2048, notes
+    return cfg, state, train_len, notes
 
 
 def import_hf(hf_dir: str | os.PathLike) -> tuple[TransformerLM, Any, dict]:
@@ -485,11 +638,15 @@ def import_checkpoint(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLi
     out = Path(out_checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; choose a new checkpoint directory")
+    _check_can_create(out)  # before the (long) conversion, not after it
     model, tokenizer, info = import_hf(hf_dir)
     from alibi_lm.checkpoint import save_model_checkpoint
 
     extra = {"imported_from": {"architecture": info["architecture"], "source": info["source"],
                                "notes": info["notes"]}}
-    path = save_model_checkpoint(out, model, train_len=info["train_len"], tokenizer=tokenizer, extra_meta=extra)
+    try:
+        path = save_model_checkpoint(out, model, train_len=info["train_len"], tokenizer=tokenizer, extra_meta=extra)
+    except OSError as error:
+        raise _naming(error, out) from None
     return Path(path), info
 
