@@ -59,3 +59,30 @@ def test_unknown_kind_is_user_error():
 def test_missing_tokenizer_is_user_error(tmp_path):
     with pytest.raises(UserError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bpe", "word"])
+def test_text_that_is_not_utf8_is_a_user_error(kind):
+    # what Python makes of `--prompt "$(printf 'caf\xe9')"`: the Latin-1 byte kept as a lone surrogate
+    text = b"caf\xe9".decode("utf-8", errors="surrogateescape")
+    tok = _kinds()[kind] if kind != "bytes" else Tokenizer.bytes()
+    for encode in (lambda: tok.encode(text), lambda: tok.encode_batch(["fine", text])):
+        with pytest.raises(UserError, match=r"the text is not valid UTF-8 \(byte 0xe9 at character 3\)"):
+            encode()
+    assert tok.decode(tok.encode("héllo")) == "héllo"  # valid text still encodes
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"vocab_size": 256, "eos_id": null}', 'no "kind"'),
+    (b'{"kind": "bites"}', "unknown kind 'bites'"),
+    (b"caf\xe9", "can't decode byte 0xe9"),
+    (b"[]", "must hold a JSON object"),
+    (b'{"kind": "bytes", "eos_id": "0"}', "eos_id must be a token id"),
+])
+def test_damaged_tokenizer_meta_is_a_user_error_naming_it(tmp_path, content, message):
+    Tokenizer.bytes().save(tmp_path)
+    (tmp_path / "tokenizer_meta.json").write_bytes(content)
+    with pytest.raises(UserError, match=message) as error:
+        load_tokenizer(tmp_path)
+    assert str(error.value).startswith(f"corrupt {tmp_path / 'tokenizer_meta.json'}: ")
+    assert "\n" not in str(error.value)

@@ -77,15 +77,23 @@ class Tokenizer:
         return cls("bytes", _bytes_hf(), None)
 
     def encode(self, text: str) -> list[int]:
-        if self.kind == "bytes":
-            return list(text.encode("utf-8"))
-        return self.hf.encode(text).ids
+        try:
+            if self.kind == "bytes":
+                return list(text.encode("utf-8"))
+            return self.hf.encode(text).ids
+        except (UnicodeEncodeError, TypeError):
+            _check_utf8([text])
+            raise
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once; bpe and word use every core (the `tokenizers` batch API)."""
-        if self.kind == "bytes":
-            return [list(t.encode("utf-8")) for t in texts]
-        return [e.ids for e in self.hf.encode_batch(texts)]
+        try:
+            if self.kind == "bytes":
+                return [list(t.encode("utf-8")) for t in texts]
+            return [e.ids for e in self.hf.encode_batch(texts)]
+        except (UnicodeEncodeError, TypeError):
+            _check_utf8(texts)
+            raise
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -121,6 +129,41 @@ class Tokenizer:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
+def _check_utf8(texts: Sequence[str]) -> None:
+    """A UserError if a text holds a character UTF-8 cannot encode. Python turns bytes that are not
+    UTF-8 (a Latin-1 argument, a file read with errors="surrogateescape") into lone surrogates, which
+    `str.encode` and `tokenizers` reject with errors that name neither the text nor the cure.
+    Called only after an encoding failed, so valid text pays nothing for the check."""
+    for text in texts:
+        if not isinstance(text, str):
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            code = ord(text[error.start])
+            # U+DC80..U+DCFF is how Python's surrogateescape keeps an undecodable byte 0x80..0xFF
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+            raise UserError(f"the text is not valid UTF-8 ({what} at character {error.start}): re-encode it as "
+                            "UTF-8, e.g. with iconv, or set a UTF-8 locale") from None
+
+
+def _read_meta(meta_path: Path) -> dict:
+    """tokenizer_meta.json as {"kind", "eos_id"}; a hand-edited or damaged file is a UserError naming it."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"corrupt {meta_path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"corrupt {meta_path}: it must hold a JSON object")
+    if meta.get("kind") not in KINDS:
+        found = f"an unknown kind {meta['kind']!r}" if "kind" in meta else "no \"kind\""
+        raise UserError(f"corrupt {meta_path}: it has {found}; valid kinds: {', '.join(KINDS)}")
+    eos_id = meta.get("eos_id")
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int) or eos_id < 0):
+        raise UserError(f"corrupt {meta_path}: eos_id must be a token id (an integer >= 0) or null, got {eos_id!r}")
+    return meta
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load what `Tokenizer.save` wrote. A bare `tokenizer.json` (no meta file) is read as bpe."""
     from tokenizers import Tokenizer as HFTokenizer
@@ -135,10 +178,7 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         raise UserError(f"cannot read tokenizer {path}: {str(error).splitlines()[0]}") from None
     meta_path = path.parent / META_FILE
     if meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as error:
-            raise UserError(f"corrupt {meta_path}: {error}") from None
+        meta = _read_meta(meta_path)
         return Tokenizer(meta["kind"], hf, meta.get("eos_id"))
     model_type = json.loads(path.read_text()).get("model", {}).get("type")
     if model_type == "WordLevel":
