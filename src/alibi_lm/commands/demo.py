@@ -25,7 +25,8 @@ Examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--out", default="alibi-demo", help="output folder (default: ./alibi-demo)")
-    parser.add_argument("--quick", action="store_true", help="300 training steps instead of 800 (about half the time; weaker models)")
+    parser.add_argument("--quick", action="store_true",
+                        help="300 training steps instead of 800 (about half the time; weaker models)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
