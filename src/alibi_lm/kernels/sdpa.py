@@ -1,11 +1,15 @@
 """torch's scaled_dot_product_attention with the ALiBi bias materialised as a float mask.
 
 This is how ALiBi is usually run today (BLOOM, MPT, x-transformers): an (H, Lq, Lk) tensor in the
-input dtype. It is here for comparison and as the CPU path; it costs L^2 memory per head.
+input dtype. It is here for comparison and as the CPU path. Its L^2 memory per head is bounded by
+taking the queries in chunks when the mask would be large (a 16k-token evaluation on the CPU would
+otherwise build a 12-head mask of 24 GiB on the way); causal chunks also skip the keys after their
+last query, which every row of the chunk masks anyway.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -29,6 +33,29 @@ def attention_sdpa(
     if slopes is None and bias is None and (not causal or q_offset == 0):
         # SDPA's own causal mask is aligned to the top-left corner, which is ours only at offset 0.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
+    n_heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
+    rows = max(1, MAX_MASK_ELEMENTS // (n_heads * n_keys))
+    if n_queries <= rows:
+        return _masked(q, k, v, slopes, causal, q_offset, scale, bias, enable_gqa)
+    outs = []
+    for start in range(0, n_queries, rows):
+        end = min(start + rows, n_queries)
+        keys = min(n_keys, q_offset + end) if causal else n_keys
+        part = bias
+        if part is not None:
+            part = part[..., start:end, :] if part.shape[-2] != 1 else part
+            part = part[..., :keys] if part.shape[-1] != 1 else part
+        outs.append(_masked(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], slopes, causal, q_offset + start,
+                            scale, part, enable_gqa))
+    return torch.cat(outs, dim=2)
+
+
+#: the most mask elements (heads x queries x keys) built at once; more are taken in query chunks
+MAX_MASK_ELEMENTS = 1 << 25
+
+
+def _masked(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
+            scale: float | None, bias: Tensor | None, enable_gqa: bool) -> Tensor:
     mask = materialized_bias(slopes, q.shape[2], k.shape[2], q_offset=q_offset, causal=causal,
                              dtype=q.dtype, device=q.device)
     if bias is not None:
