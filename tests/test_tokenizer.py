@@ -86,3 +86,17 @@ def test_damaged_tokenizer_meta_is_a_user_error_naming_it(tmp_path, content, mes
         load_tokenizer(tmp_path)
     assert str(error.value).startswith(f"corrupt {tmp_path / 'tokenizer_meta.json'}: ")
     assert "\n" not in str(error.value)
+
+
+def test_encodes_like_compares_what_the_tokenizers_do_not_their_names(tmp_path):
+    from alibi_lm.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+    Tokenizer.bytes().save(tmp_path / "bytes")
+    (tmp_path / "bytes" / "tokenizer_meta.json").unlink()  # what a trip through save_pretrained leaves
+    renamed = load_tokenizer(tmp_path / "bytes")
+    assert renamed.kind == "bpe" and renamed.encodes_like(Tokenizer.bytes())
+    a = train_tokenizer("word", ["the cat sat on the mat", "a dog sat on a log"])
+    b = train_tokenizer("word", ["the cat sat on the hat", "a dog sat on a log"])
+    assert a.vocab_size == b.vocab_size and not a.encodes_like(b)
+    assert a.encodes_like(train_tokenizer("word", ["the cat sat on the mat", "a dog sat on a log"]))
+    assert not a.encodes_like(Tokenizer.bytes())

@@ -59,6 +59,10 @@ def _bytes_hf():
     return hf
 
 
+# words, punctuation, digits, a heading line and non-ASCII letters: where tokenizers tend to differ
+_PROBE_TEXT = " = Heading = \n The quick brown fox , 1,234 @-@ 5 naïve café — <unk> \n"
+
+
 class Tokenizer:
     """Text <-> token ids. `kind` is bytes | bpe | word; `eos_id` is the end-of-line (word) or
     end-of-document (bpe) token, None for bytes."""
@@ -112,6 +116,13 @@ class Tokenizer:
             # WikiText lines start with a space and words are space-separated; join the same way.
             return " ".join(out).replace(" \n ", " \n").replace(" \n", "\n")
         return self.hf.decode(ids, skip_special_tokens=False)
+
+    def encodes_like(self, other: Tokenizer) -> bool:
+        """Whether both give the same ids: the same vocabulary, and the same ids for a probe text. The
+        kinds may differ in name only: a byte-level tokenizer.json that lost its meta file reads as bpe."""
+        if self.vocab_size != other.vocab_size or self.hf.get_vocab() != other.hf.get_vocab():
+            return False
+        return self.encode(_PROBE_TEXT) == other.encode(_PROBE_TEXT)
 
     def token_to_id(self, token: str) -> int | None:
         if self.kind == "bytes":

@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from alibi_lm.errors import UserError
     from alibi_lm.evaluate import evaluate_model
     from alibi_lm.plots import results_table
+    from alibi_lm.tokenizer import load_tokenizer
 
     for name in ("stride", "batch_tokens"):
         if getattr(args, name) < 1:
@@ -163,10 +164,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot tell which data {ckpt.path} was trained on; pass --data PREPARED_DIR")
     data_meta = read_meta(data_dir)
     tok = ckpt.tokenizer
-    if tok is not None and (tok.kind, tok.vocab_size) != (data_meta.get("tokenizer"), data_meta["vocab_size"]):
-        raise UserError(f"{data_dir} was prepared with a {data_meta.get('tokenizer')} tokenizer of "
-                        f"{data_meta['vocab_size']} tokens, but {ckpt.path} was trained with a {tok.kind} tokenizer of "
-                        f"{tok.vocab_size}; evaluate on data prepared with the model's tokenizer")
+    if tok is not None and (data_dir / "tokenizer.json").is_file():
+        data_tok = load_tokenizer(data_dir)
+        if not tok.encodes_like(data_tok):
+            raise UserError(f"{data_dir} was prepared with another tokenizer ({data_tok.kind}, {data_tok.vocab_size} "
+                            f"tokens) than the one {ckpt.path} uses ({tok.kind}, {tok.vocab_size}); evaluate on data "
+                            "prepared with the model's tokenizer")
     if data_meta["vocab_size"] > ckpt.config.vocab_size:
         raise UserError(f"{data_dir} has a vocabulary of {data_meta['vocab_size']} but the model only "
                         f"{ckpt.config.vocab_size}: it was prepared with another tokenizer")
