@@ -203,9 +203,23 @@ def test_a_new_run_never_clobbers_files_it_did_not_write(tmp_path, data_dir):
             f.unlink()
         path.rmdir()
     metrics = (run_dir / "metrics.jsonl").read_text()
-    with pytest.raises(UserError, match="holds an earlier run"):
+    with pytest.raises(UserError, match="holds an earlier run's best model"):
         train(config, progress=False)
     assert (run_dir / "metrics.jsonl").read_text() == metrics and (run_dir / "best").is_dir()
+    holder = lock_run_dir(run_dir)  # while another process trains here, that is what the user hears
+    try:
+        with pytest.raises(UserError, match="another training process is writing to"):
+            train(config, progress=False)
+    finally:
+        holder.close()
+
+    # a run that died before its first checkpoint (metrics only) is simply started again; a log stays
+    for f in (run_dir / "best").iterdir():
+        f.unlink()
+    (run_dir / "best").rmdir()
+    (run_dir / "train.log").write_text("the shell's copy of the output")
+    assert train(config, progress=False).steps == 2
+    assert (run_dir / "train.log").exists()
 
 
 def test_resume_drops_a_torn_metrics_line_and_refuses_a_weights_only_checkpoint(tmp_path, data_dir):

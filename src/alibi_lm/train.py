@@ -254,19 +254,20 @@ def _full_model_state(model: nn.Module, parallel: str) -> dict[str, torch.Tensor
     return model_state(model)
 
 
-# What a run writes into its directory; anything else there belongs to someone else.
-_RUN_FILES = {".lock", "config.json", "metrics.jsonl", "checkpoints", "best"}
+# What a run writes into its directory (hidden names are its lock and temporary folders, and a
+# user's tool files); anything else there belongs to someone else.
+_RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "best"}
 
 
 def _check_fresh_run_dir(run_dir: Path) -> None:
     """A new run (no --resume) writes config.json and metrics.jsonl and replaces best/: refuse a directory
-    whose files it would clobber: someone else's files, or an earlier run's metrics and best model
-    (a run killed before its first checkpoint, or one whose checkpoints were deleted)."""
-    if not run_dir.exists():
-        return
+    whose files it would clobber: someone else's files, or an earlier run's best model (one whose
+    checkpoints were deleted). The metrics of a run that died before its first checkpoint are replaced,
+    as re-running the same command after a crash should work. A log file beside them is kept."""
     if not run_dir.is_dir():
-        raise UserError(f"run.out_dir {run_dir} is a file, not a directory")
-    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in _RUN_FILES)
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir()
+                     if p.name not in _RUN_FILES and not p.name.startswith(".") and p.suffix != ".log")
     config = run_dir / "config.json"
     if not foreign and config.is_file():
         try:
@@ -279,9 +280,8 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
     if foreign:
         raise UserError(f"run.out_dir {run_dir} holds files that are not a training run's ({', '.join(foreign[:3])}); "
                         "choose a new or empty directory")
-    metrics = run_dir / "metrics.jsonl"
-    if (run_dir / "best").exists() or (metrics.is_file() and metrics.stat().st_size > 0):
-        raise UserError(f"{run_dir} holds an earlier run (metrics.jsonl, best/) with no checkpoint to resume; "
+    if (run_dir / "best").exists():
+        raise UserError(f"{run_dir} holds an earlier run's best model (best/) but no checkpoint to resume; "
                         "choose another run.out_dir, or delete it to start over")
 
 
@@ -411,6 +411,14 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     split_tokens = data_meta["splits"][cfg.data.valid_split]["tokens"]
     tokenizer = load_tokenizer(cfg.data.path) if (Path(cfg.data.path) / "tokenizer.json").is_file() else None
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"run.out_dir {run_dir} is a file, not a directory")
+    if info.is_main and (run_dir.is_dir() or not resume):
+        # first of all: a run that another process is writing tells the user so, whatever else is there
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_lock = lock_run_dir(run_dir)
+        if run_lock is not None:
+            held.enter_context(run_lock)
     existing = latest_checkpoint(run_dir)
     ckpt_meta = None
     if resume:
@@ -464,10 +472,6 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     autocast = autocast_context(device, cfg.run.precision)
 
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run_lock = lock_run_dir(run_dir)
-        if run_lock is not None:
-            held.enter_context(run_lock)
         resolved = {**cfg.to_dict(), "world_size": info.world_size}
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
     metrics = _Metrics(run_dir / "metrics.jsonl", info.is_main, start_step if resume else None)
