@@ -9,16 +9,19 @@ times of the aten / custom ops are used instead, so the code path can be tried a
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-# Lower-case name fragments, first match wins. Ours are the Triton kernels of alibi_lm.kernels;
-# SDPA's flash / cuDNN / efficient kernels carry "flash", "fmha" or "attention" in their names.
+# Ours are the Triton kernels of alibi_lm.kernels, matched by their whole names (PyTorch's own flash
+# kernels contain "_fwd_kernel" and "_dq_kernel" too), and on the CPU our custom ops.
+OURS = re.compile(r"_(fwd|dkdv|dq|delta|split|merge)_kernel|alibi_lm::\w+")
+# Lower-case name fragments for everything else, first match wins. SDPA's flash / cuDNN / efficient
+# kernels carry "flash", "fmha" or "attention" in their names.
 GROUPS: list[tuple[str, tuple[str, ...]]] = [
-    ("attention (ours)", ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel", "_delta_kernel", "_decode", "alibi_lm::")),
     ("attention (other)", ("flash", "fmha", "attention", "attn", "sdpa")),
     ("matmul", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "aten::mm", "aten::addmm", "aten::bmm",
                 "aten::matmul", "aten::linear")),
@@ -30,6 +33,8 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
 
 
 def group_of(name: str) -> str:
+    if OURS.fullmatch(name):
+        return "attention (ours)"
     low = name.lower()
     for group, fragments in GROUPS:
         if any(f in low for f in fragments):

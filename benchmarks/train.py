@@ -128,8 +128,13 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "final_loss": final_loss}
     if profile_steps > 0:
-        next_step = iter(range(warmup + steps, warmup + steps + profile_steps + 1))
-        result["profile"] = breakdown(lambda run=run: run(next(next_step), 1), profile_steps)
+        step_counter = [warmup + steps]
+
+        def one_step(run=run) -> None:
+            run(step_counter[0], 1)
+            step_counter[0] += 1
+
+        result["profile"] = breakdown(one_step, profile_steps)
     del model, optimizer, step_model, run
     gc.collect()
     if device.type == "cuda":
