@@ -34,7 +34,7 @@ def test_query_chunks_equal_one_mask(monkeypatch, rows, B, H, Hkv, Lq, Lk, q_off
 
     whole = attention_sdpa(q, k, v, **kwargs)
     whole_grads = torch.autograd.grad(whole, (q, k, v), do)
-    monkeypatch.setattr(sdpa, "MAX_MASK_ELEMENTS", rows * H * Lk)  # `rows` queries per chunk
+    monkeypatch.setattr(sdpa, "MAX_MASK_ELEMENTS", rows * Lk)  # at most `rows` queries per chunk
     chunked = attention_sdpa(q, k, v, **kwargs)
     chunked_grads = torch.autograd.grad(chunked, (q, k, v), do)
 
@@ -58,3 +58,19 @@ def test_long_alibi_attention_builds_bounded_masks(monkeypatch):
     out = attention_sdpa(q, k, v, slopes=alibi_slopes(8))
     assert out.shape == q.shape and bool(torch.isfinite(out).all())
     assert len(sizes) > 1 and max(sizes) <= sdpa.MAX_MASK_ELEMENTS
+
+
+def test_a_per_sequence_bias_counts_in_the_mask_bound(monkeypatch):
+    """A left-padding bias (B, 1, Lq, Lk) broadcast over H heads makes a B x H mask per chunk."""
+    shapes = []
+    real = sdpa.F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        shapes.append(tuple(attn_mask.shape))
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(sdpa.F, "scaled_dot_product_attention", recording)
+    monkeypatch.setattr(sdpa, "MAX_MASK_ELEMENTS", 4 * 4 * 10 * 40)  # B x H x 10 rows x Lk
+    q, k, v = torch.randn(3, 4, 4, 40, 8).unbind(0)
+    attention_sdpa(q, k, v, slopes=alibi_slopes(4), bias=torch.zeros(4, 1, 40, 40))
+    assert len(shapes) == 4 and all(s[0] * s[1] * s[2] * s[3] <= sdpa.MAX_MASK_ELEMENTS for s in shapes)

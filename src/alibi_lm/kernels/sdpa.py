@@ -17,6 +17,9 @@ from alibi_lm.kernels.reference import materialized_bias
 
 __all__ = ["attention_sdpa"]
 
+#: the most mask elements (batch x heads x queries x keys) built at once; more are taken in query chunks
+MAX_MASK_ELEMENTS = 1 << 25
+
 
 def attention_sdpa(
     q: Tensor,
@@ -33,8 +36,12 @@ def attention_sdpa(
     if slopes is None and bias is None and (not causal or q_offset == 0):
         # SDPA's own causal mask is aligned to the top-left corner, which is ours only at offset 0.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
-    n_heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
-    rows = max(1, MAX_MASK_ELEMENTS // (n_heads * n_keys))
+    n_queries, n_keys = q.shape[2], k.shape[2]
+    # the mask's leading dims: (H) from the slopes, (B, H or 1) from an extra bias, broadcast together
+    mask_batch = bias.shape[0] if bias is not None and bias.dim() == 4 else 1
+    mask_heads = max(len(slopes) if slopes is not None else 1,
+                     bias.shape[-3] if bias is not None and bias.dim() >= 3 else 1)
+    rows = max(1, MAX_MASK_ELEMENTS // (mask_batch * mask_heads * n_keys))
     if n_queries <= rows:
         return _masked(q, k, v, slopes, causal, q_offset, scale, bias, enable_gqa)
     outs = []
@@ -48,10 +55,6 @@ def attention_sdpa(
         outs.append(_masked(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], slopes, causal, q_offset + start,
                             scale, part, enable_gqa))
     return torch.cat(outs, dim=2)
-
-
-#: the most mask elements (heads x queries x keys) built at once; more are taken in query chunks
-MAX_MASK_ELEMENTS = 1 << 25
 
 
 def _masked(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
