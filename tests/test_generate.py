@@ -86,7 +86,7 @@ def test_filters_and_sampling_distribution():
 def test_bad_arguments_are_user_errors():
     model = tiny_model("alibi")
     for kwargs in ({"temperature": -1}, {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_k": 0},
-                   {"top_p": 1.5}, {"max_new_tokens": -1}, {"seed": -1}, {"seed": 2**63}):
+                   {"top_p": 1.5}, {"max_new_tokens": -1}, {"seed": -1}, {"seed": 2**64}):
         args = {"max_new_tokens": 3, **kwargs}
         with pytest.raises(UserError):
             generate(model, [[1]], **args)
@@ -144,3 +144,9 @@ def test_bf16_autocast_keeps_the_cache_in_the_autocast_dtype():
     exact = generate(model, PROMPTS, max_new_tokens=12, temperature=0, autocast_dtype=None)
     # bf16 may flip a near-tie late in a sequence; the first greedy tokens agree
     assert [t[:2] for t in out] == [t[:2] for t in exact]
+
+
+def test_the_largest_seeds_are_accepted():
+    model = tiny_model("alibi")
+    assert len(generate(model, [[1]], max_new_tokens=2, seed=2**64 - 1)[0]) == 2
+    assert len(generate(model, [[1], [2]], max_new_tokens=2, seed=2**64 - 2)) == 2

@@ -66,8 +66,8 @@ def _check(model: TransformerLM, prompts: Sequence[Sequence[int]], max_new_token
         raise UserError(f"top_k must be a positive integer, got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
-    if not 0 <= seed < 2**63 - len(prompts):  # prompt i samples with seed + i, a 64-bit generator seed
-        raise UserError(f"seed must be an integer in [0, 2**63 - {len(prompts)}), got {seed}")
+    if not 0 <= seed <= 2**64 - len(prompts):  # prompt i samples with seed + i, a 64-bit generator seed
+        raise UserError(f"seed must be an integer in [0, 2**64 - {len(prompts)}], got {seed}")
     limit = model.position.max_positions
     longest = max(len(p) for p in prompts) + max_new_tokens
     if limit is not None and longest > limit:

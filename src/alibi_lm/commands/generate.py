@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None,
                         help="nucleus sampling: smallest set with probability p (default: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--stop-at-eos", action="store_true", help="stop at the end-of-line/eos token, if any")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="stop at the tokenizer's end-of-line/end-of-text token (word and bpe tokenizers have one)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
 
 
