@@ -55,8 +55,12 @@ def measure(position: str, length: int, args: argparse.Namespace, device: torch.
         torch.cuda.reset_peak_memory_stats(device)
         weights = torch.cuda.memory_allocated(device)
     row: dict = {"position": position, "length": length, "tokens": int(len(tokens))}
-    started = time.perf_counter()
     try:
+        # compile and autotune the kernels for this length outside the timing (one window)
+        evaluate_lengths(model, tokens[: length + 1], [length], max_batch_tokens=args.batch_tokens, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
         record = evaluate_lengths(model, tokens, [length], max_batch_tokens=args.batch_tokens,
                                   progress=False)["records"][0]
     except torch.OutOfMemoryError as error:

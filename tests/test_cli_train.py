@@ -9,11 +9,11 @@ TINY = ["model.n_layers=1", "model.d_model=32", "data.train_len=16", "data.batch
         "run.eval_every=0", "run.checkpoint_every=1", "data.valid_tokens=256"]
 
 
-def _fails(capsys, argv, message):
+def _fails(capsys, argv, *messages):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert message in err, err
+    assert all(message in err for message in messages), err
     return err
 
 
@@ -94,9 +94,7 @@ def test_resume_errors_never_delete_checkpoints(tmp_path, capsys, data_dir):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True),
-           "corrupt checkpoint")
-    _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True),
-           "step_00000001 is intact: move step_00000002 out of")
+           "corrupt checkpoint", "step_00000001 is intact: move step_00000002 out of")
     (run / "checkpoints" / "step_00000002" / "meta.json").write_text("{")
     _fails(capsys, _train(data_dir, run, "run.steps=4", resume=True), "corrupt checkpoint")
     # the run's own config.json is a valid --config, and it points at this run

@@ -298,9 +298,11 @@ def load_config(path_or_preset: str, overrides: Sequence[str] = ()) -> TrainConf
 def to_toml(config: TrainConfig) -> str:
     """The config as a TOML file that load_config reads back to the same config; unset (None) fields,
     which TOML cannot write, are listed as comments."""
-    lines = []
+    lines: list[str] = []
     for section, entries in config.to_dict().items():
-        lines += ["" if lines else None, f"[{section}]"]
+        if lines:
+            lines.append("")
+        lines.append(f"[{section}]")
         for key, value in entries.items():
             if value is None:
                 lines.append(f"# {key} = (unset)")
@@ -310,7 +312,7 @@ def to_toml(config: TrainConfig) -> str:
                 lines.append(f"{key} = {json.dumps(value)}")
             else:
                 lines.append(f"{key} = {value!r}")
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def config_from_dict(values: dict) -> TrainConfig:

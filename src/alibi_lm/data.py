@@ -295,11 +295,11 @@ def read_meta(prepared_dir: str | Path) -> dict:
         raise UserError(f"corrupt {path}: {error}") from None
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not the metadata of prepared data; run `alibi-lm prepare` for it")
+    if "model" in meta and "splits" not in meta:  # checkpoints have a meta.json too
+        raise UserError(f"{prepared_dir} is a model checkpoint, not a prepared data directory")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} has format version {meta.get('format_version')!r}; this alibi-lm reads "
                         f"{FORMAT_VERSION}: prepare the data again")
-    if "model" in meta and "splits" not in meta:  # checkpoints have a meta.json of the same version
-        raise UserError(f"{prepared_dir} is a model checkpoint, not a prepared data directory")
     splits = meta.get("splits")
     if (not isinstance(splits, dict) or not isinstance(meta.get("vocab_size"), int) or "dtype" not in meta
             or not all(isinstance(v, dict) and isinstance(v.get("file"), str) and isinstance(v.get("tokens"), int)

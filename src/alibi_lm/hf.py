@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -400,11 +401,9 @@ def load_hf_weights(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
         except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise UserError(f"cannot read {file} (truncated or corrupt?): {first}") from None
-        except MemoryError:
-            raise  # a file too large for this machine is not a corrupt one
-        except Exception:
-            # torch's weights-only unpickler fails on junk with whatever error the bytes lead to
-            # (KeyError, UnpicklingError, ...), and its text is about torch internals: say no more
+        except (pickle.UnpicklingError, KeyError, AttributeError, IndexError, TypeError, UnicodeDecodeError):
+            # torch's weights-only unpickler fails on junk with whatever error the bytes lead to, and its
+            # text is about torch internals: say no more
             raise UserError(f"cannot read {file} (truncated or corrupt?)") from None
         if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
                                                     for k, v in tensors.items()):
