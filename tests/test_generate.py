@@ -150,3 +150,21 @@ def test_the_largest_seeds_are_accepted():
     model = tiny_model("alibi")
     assert len(generate(model, [[1]], max_new_tokens=2, seed=2**64 - 1)[0]) == 2
     assert len(generate(model, [[1], [2]], max_new_tokens=2, seed=2**64 - 2)) == 2
+
+
+def test_generate_command_separates_a_word_prompt_from_the_first_new_word(tmp_path, capsys):
+    from alibi_lm.checkpoint import save_model_checkpoint
+    from alibi_lm.cli import main
+    from alibi_lm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer("word", ["the cat sat on the mat", "a dog sat on a log"])
+    torch.manual_seed(0)
+    model = TransformerLM(ModelConfig(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2))
+    save_model_checkpoint(tmp_path / "ckpt", model, train_len=8, tokenizer=tok)
+    expected = generate(model, [tok.encode("the cat")], max_new_tokens=4, temperature=0)[0]
+    assert main(["generate", str(tmp_path / "ckpt"), "--prompt", "the cat", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    continuation = tok.decode(expected)
+    joined = "the cat" + ("" if continuation.startswith("\n") else " ") + continuation
+    assert printed == joined + "\n"

@@ -43,6 +43,8 @@ class _Streamer:
         self.printed = ""
         self.out = out or sys.stdout
         self.prompt = prompt  # echoed with the first token, so that a refused request prints nothing
+        # word tokens are joined by spaces, so the first one needs a space after a prompt that ends in a word
+        self.separator = " " if tokenizer.kind == "word" and prompt and not prompt[-1].isspace() else ""
 
     def _echo_prompt(self) -> None:
         if self.prompt:
@@ -58,6 +60,8 @@ class _Streamer:
         text = self.tokenizer.decode(self.ids)
         stable = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes to U+FFFD for now
         if stable.startswith(self.printed) and len(stable) > len(self.printed):
+            if not self.printed and not stable.startswith("\n"):
+                self.out.write(self.separator)
             self.out.write(stable[len(self.printed) :])
             self.out.flush()
             self.printed = stable
@@ -65,7 +69,9 @@ class _Streamer:
     def finish(self) -> None:
         self._echo_prompt()
         text = self.tokenizer.decode(self.ids)
-        if text.startswith(self.printed):
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            if not self.printed and not text.startswith("\n"):
+                self.out.write(self.separator)
             self.out.write(text[len(self.printed) :])
         self.out.write("\n")
         self.out.flush()
