@@ -150,3 +150,27 @@ def test_bad_arguments_name_the_offender(kwargs, message):
 
 def test_cpu_backends_do_not_include_triton():
     assert available_backends("cpu") == ["reference", "sdpa"]
+
+
+@pytest.mark.parametrize("q_offset, dtype", [
+    (0, torch.float32), (4093, torch.float32), (4093, torch.bfloat16), (4093, torch.float16),
+    (2**24 - 40, torch.float32),  # the last distances float32 holds exactly
+    (2**24 + 5, torch.bfloat16),  # past them: computed in float64
+])
+def test_materialized_bias_is_the_float64_bias_rounded_once(q_offset, dtype):
+    from alibi_lm.kernels import materialized_bias
+
+    gen = torch.Generator().manual_seed(q_offset % 1000)
+    slopes = torch.rand(3, generator=gen) * torch.tensor([1.0, 1e-3, 2**-8])
+    n_queries, n_keys = 2, q_offset + 2  # few rows: past 2^24 keys the bias is 100M+ elements already
+    got = materialized_bias(slopes, n_queries, n_keys, q_offset=q_offset, dtype=dtype)
+    keys = torch.arange(max(0, n_keys - 300), n_keys, dtype=torch.float64)  # the recent keys, and key 0
+    keys = torch.cat([torch.zeros(1, dtype=torch.float64), keys])
+    pos = torch.arange(q_offset, q_offset + n_queries, dtype=torch.float64)
+    distance = pos[:, None] - keys[None, :]
+    want = (-slopes.double()[:, None, None] * distance.abs()[None]).masked_fill(distance[None] < 0, -math.inf)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got[:, :, keys.long()], want.to(dtype), rtol=0, atol=0)
+    else:  # float32 then the half type: at most one unit in the last place of the half type away
+        torch.testing.assert_close(got[:, :, keys.long()].double(), want.to(dtype).double(),
+                                   rtol=2 * torch.finfo(dtype).eps, atol=0)

@@ -29,18 +29,24 @@ def materialized_bias(
     or -slope_h * |pos_q - j| without the causal mask, and -inf where j > pos_q when causal.
 
     Returns (H, Lq, Lk) with slopes, (1, Lq, Lk) with only the causal mask, None when there is
-    nothing to add. Distances are formed in float64 so that long offsets stay exact before the
-    final cast (a bf16 bias, as BLOOM builds it, cannot tell 4097 from 4098)."""
+    nothing to add. Distances and products are exact before the final cast (a bf16 bias, as BLOOM
+    builds it, cannot tell 4097 from 4098): float32 holds every distance below 2^24 exactly, and the
+    product of a float32 slope and such a distance rounds to float32 as the float64 product does, so
+    float64 is used only beyond that or for a float64 result."""
     if slopes is None and not causal:
         return None
     device = slopes.device if slopes is not None and device is None else device
-    q_pos = torch.arange(q_offset, q_offset + n_queries, device=device, dtype=torch.float64)
-    k_pos = torch.arange(n_keys, device=device, dtype=torch.float64)
+    exact32 = dtype != torch.float64 and max(q_offset + n_queries, n_keys) < 2**24
+    if slopes is not None and slopes.dtype == torch.float64:
+        exact32 = False
+    work = torch.float32 if exact32 else torch.float64
+    q_pos = torch.arange(q_offset, q_offset + n_queries, device=device, dtype=work)
+    k_pos = torch.arange(n_keys, device=device, dtype=work)
     distance = q_pos[:, None] - k_pos[None, :]  # (Lq, Lk)
     if slopes is None:
-        bias = torch.zeros(1, n_queries, n_keys, device=device, dtype=torch.float64)
+        bias = torch.zeros(1, n_queries, n_keys, device=device, dtype=work)
     else:
-        bias = -slopes.to(device=device, dtype=torch.float64)[:, None, None] * distance.abs()[None]
+        bias = -slopes.to(device=device, dtype=work)[:, None, None] * distance.abs()[None]
     if causal:
         bias = bias.masked_fill(distance[None] < 0, -math.inf)
     return bias.to(dtype)

