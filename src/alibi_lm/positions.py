@@ -229,8 +229,24 @@ class T5Bias(PositionMethod):
         return self.table(buckets).permute(2, 0, 1)  # (H, Lq, Lk)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int, backend: str) -> Tensor:
-        bias = self.bias(q.shape[2], k.shape[2], offset, q.device).to(q.dtype)
-        return attention(q, k, v, causal=True, q_offset=offset, backend=backend, bias=bias)
+        # The bias is a learned (H, Lq, Lk) tensor that no kernel can compute in place, and building it
+        # goes through int64 buckets of every (query, key) pair: at 16k tokens tens of GiB. Queries are
+        # taken in chunks whose bias stays under T5_CHUNK_ELEMENTS; a chunk reads only the keys up to
+        # its last query (causal). Training lengths fit one chunk.
+        n_queries, n_keys = q.shape[2], k.shape[2]
+        rows = max(1, T5_CHUNK_ELEMENTS // (q.shape[1] * n_keys))
+        outs = []
+        for start in range(0, n_queries, rows):
+            end = min(start + rows, n_queries)
+            keys = min(n_keys, offset + end)
+            bias = self.bias(end - start, keys, offset + start, q.device).to(q.dtype)
+            outs.append(attention(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], causal=True,
+                                  q_offset=offset + start, backend=backend, bias=bias))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+#: the most bias elements (heads x queries x keys) T5Bias builds at once
+T5_CHUNK_ELEMENTS = 1 << 25
 
 
 #: position name -> class; `model.build_position` constructs them from a ModelConfig
