@@ -74,3 +74,13 @@ def test_a_per_sequence_bias_counts_in_the_mask_bound(monkeypatch):
     q, k, v = torch.randn(3, 4, 4, 40, 8).unbind(0)
     attention_sdpa(q, k, v, slopes=alibi_slopes(4), bias=torch.zeros(4, 1, 40, 40))
     assert len(shapes) == 4 and all(s[0] * s[1] * s[2] * s[3] <= sdpa.MAX_MASK_ELEMENTS for s in shapes)
+
+
+def test_a_key_bias_without_query_dims_is_broadcast_in_chunks(monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    key_bias = torch.randn(12, generator=gen, dtype=torch.float64)  # (Lk,): one value per key
+    whole = attention_sdpa(q, k, v, slopes=alibi_slopes(2).double(), bias=key_bias)
+    monkeypatch.setattr(sdpa, "MAX_MASK_ELEMENTS", 2 * 3 * 12)
+    chunked = attention_sdpa(q, k, v, slopes=alibi_slopes(2).double(), bias=key_bias)
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
