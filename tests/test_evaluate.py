@@ -251,7 +251,10 @@ def test_evaluate_command_protects_files_and_checks_its_inputs(checkpoint_and_da
     (tmp_path / "words.txt").write_text("".join(f"a b c d {i % 5}\n" for i in range(200)))
     prepare(str(tmp_path / "words.txt"), tmp_path / "words", tokenizer="word", progress=False)
     assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "words"), "--no-progress"]) == 2
-    assert "tokenizer" in capsys.readouterr().err
+    assert "another tokenizer" in capsys.readouterr().err
+    (tmp_path / "words" / "tokenizer.json").unlink()  # a hand-made data folder: meta.json is all there is
+    assert main(["evaluate", str(ckpt), "--data", str(tmp_path / "words"), "--no-progress"]) == 2
+    assert "another tokenizer (word," in capsys.readouterr().err
 
 
 def test_default_lengths_stop_at_a_learned_models_last_position(tmp_path, capsys):

@@ -164,12 +164,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot tell which data {ckpt.path} was trained on; pass --data PREPARED_DIR")
     data_meta = read_meta(data_dir)
     tok = ckpt.tokenizer
-    if tok is not None and (data_dir / "tokenizer.json").is_file():
-        data_tok = load_tokenizer(data_dir)
-        if not tok.encodes_like(data_tok):
-            raise UserError(f"{data_dir} was prepared with another tokenizer ({data_tok.kind}, {data_tok.vocab_size} "
-                            f"tokens) than the one {ckpt.path} uses ({tok.kind}, {tok.vocab_size}); evaluate on data "
-                            "prepared with the model's tokenizer")
+    if tok is not None:
+        # compare what the tokenizers do where the data has its tokenizer.json, else what meta.json says
+        if (data_dir / "tokenizer.json").is_file():
+            data_tok = load_tokenizer(data_dir)
+            data_kind, data_size, same = data_tok.kind, data_tok.vocab_size, tok.encodes_like(data_tok)
+        else:
+            data_kind, data_size = data_meta.get("tokenizer"), data_meta["vocab_size"]
+            same = (tok.kind, tok.vocab_size) == (data_kind, data_size)
+        if not same:
+            raise UserError(f"{data_dir} was prepared with another tokenizer ({data_kind}, {data_size} tokens) than "
+                            f"the one {ckpt.path} uses ({tok.kind}, {tok.vocab_size}); evaluate on data prepared "
+                            "with the model's tokenizer")
     if data_meta["vocab_size"] > ckpt.config.vocab_size:
         raise UserError(f"{data_dir} has a vocabulary of {data_meta['vocab_size']} but the model only "
                         f"{ckpt.config.vocab_size}: it was prepared with another tokenizer")
