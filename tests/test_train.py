@@ -190,6 +190,7 @@ def test_a_new_run_never_clobbers_files_it_did_not_write(tmp_path, data_dir):
     (run_dir / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=r"holds files that are not a training run's \(notes.txt\)"):
         train(config, progress=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # not even a lock file was left
     (run_dir / "notes.txt").unlink()
     (run_dir / "config.json").write_text('{"architectures": ["BloomForCausalLM"]}')  # a Hugging Face export
     with pytest.raises(UserError, match=r"not a training run's \(config.json\)"):

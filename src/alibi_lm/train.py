@@ -264,6 +264,13 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
     whose files it would clobber: someone else's files, or an earlier run's best model (one whose
     checkpoints were deleted). The metrics of a run that died before its first checkpoint are replaced,
     as re-running the same command after a crash should work. A log file beside them is kept."""
+    _check_foreign_files(run_dir)
+    if (run_dir / "best").exists():
+        raise UserError(f"{run_dir} holds an earlier run's best model (best/) but no checkpoint to resume; "
+                        "choose another run.out_dir, or delete it to start over")
+
+
+def _check_foreign_files(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     foreign = sorted(p.name for p in run_dir.iterdir()
@@ -280,9 +287,6 @@ def _check_fresh_run_dir(run_dir: Path) -> None:
     if foreign:
         raise UserError(f"run.out_dir {run_dir} holds files that are not a training run's ({', '.join(foreign[:3])}); "
                         "choose a new or empty directory")
-    if (run_dir / "best").exists():
-        raise UserError(f"{run_dir} holds an earlier run's best model (best/) but no checkpoint to resume; "
-                        "choose another run.out_dir, or delete it to start over")
 
 
 def _intact_hint(run_dir: Path, broken: Path) -> str:
@@ -413,6 +417,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
 
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run.out_dir {run_dir} is a file, not a directory")
+    if not resume:
+        _check_foreign_files(run_dir)  # before a lock file is put into someone else's folder
     if info.is_main and (run_dir.is_dir() or not resume):
         # first of all: a run that another process is writing tells the user so, whatever else is there
         run_dir.mkdir(parents=True, exist_ok=True)
