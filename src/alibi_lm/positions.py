@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alibi_lm.kernels import attention
+from alibi_lm.kernels.sdpa import attend_in_query_chunks
 
 __all__ = [
     "POSITIONS",
@@ -233,16 +234,13 @@ class T5Bias(PositionMethod):
         # goes through int64 buckets of every (query, key) pair: at 16k tokens tens of GiB. Queries are
         # taken in chunks whose bias stays under T5_CHUNK_ELEMENTS; a chunk reads only the keys up to
         # its last query (causal). Typical training shapes (up to 12 heads at 1k, 8 at 2k) fit one chunk.
-        n_queries, n_keys = q.shape[2], k.shape[2]
-        rows = max(1, T5_CHUNK_ELEMENTS // (q.shape[1] * n_keys))
-        outs = []
-        for start in range(0, n_queries, rows):
-            end = min(start + rows, n_queries)
-            keys = min(n_keys, offset + end)
-            bias = self.bias(end - start, keys, offset + start, q.device).to(q.dtype)
-            outs.append(attention(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], causal=True,
-                                  q_offset=offset + start, backend=backend, bias=bias))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        def attend(q_part: Tensor, k_part: Tensor, v_part: Tensor, start: int, end: int) -> Tensor:
+            bias = self.bias(end - start, k_part.shape[2], offset + start, q.device).to(q.dtype)
+            return attention(q_part, k_part, v_part, causal=True, q_offset=offset + start, backend=backend,
+                             bias=bias)
+
+        rows = max(1, T5_CHUNK_ELEMENTS // (q.shape[1] * k.shape[2]))
+        return attend_in_query_chunks(q, k, v, rows=rows, q_offset=offset, causal=True, attend=attend)
 
 
 #: the most bias elements (heads x queries x keys) T5Bias builds at once

@@ -9,13 +9,15 @@ last query, which every row of the chunk masks anyway.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from alibi_lm.kernels.reference import materialized_bias
 
-__all__ = ["attention_sdpa"]
+__all__ = ["attend_in_query_chunks", "attention_sdpa"]
 
 #: the most mask elements (batch x heads x queries x keys) built at once; more are taken in query chunks
 MAX_MASK_ELEMENTS = 1 << 25
@@ -36,26 +38,38 @@ def attention_sdpa(
     if slopes is None and bias is None and (not causal or q_offset == 0):
         # SDPA's own causal mask is aligned to the top-left corner, which is ours only at offset 0.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
-    n_queries, n_keys = q.shape[2], k.shape[2]
     # the mask's leading dims: (H) from the slopes, (B, H or 1) from an extra bias, broadcast together
     mask_batch = bias.shape[0] if bias is not None and bias.dim() == 4 else 1
     mask_heads = max(len(slopes) if slopes is not None else 1,
                      bias.shape[-3] if bias is not None and bias.dim() >= 3 else 1)
-    rows = max(1, MAX_MASK_ELEMENTS // (mask_batch * mask_heads * n_keys))
+    rows = max(1, MAX_MASK_ELEMENTS // (mask_batch * mask_heads * k.shape[2]))
+    if bias is not None and bias.dim() < 2:  # (Lk,) or a scalar: broadcast over the queries
+        bias = bias.reshape((1,) * (2 - bias.dim()) + tuple(bias.shape))
+
+    def attend(q_part: Tensor, k_part: Tensor, v_part: Tensor, start: int, end: int) -> Tensor:
+        part = bias
+        if part is not None:
+            part = part[..., start:end, :] if part.shape[-2] != 1 else part
+            part = part[..., : k_part.shape[2]] if part.shape[-1] != 1 else part
+        return _masked(q_part, k_part, v_part, slopes, causal, q_offset + start, scale, part, enable_gqa)
+
+    return attend_in_query_chunks(q, k, v, rows=rows, q_offset=q_offset, causal=causal, attend=attend)
+
+
+def attend_in_query_chunks(q: Tensor, k: Tensor, v: Tensor, *, rows: int, q_offset: int, causal: bool,
+                           attend: Callable[[Tensor, Tensor, Tensor, int, int], Tensor]) -> Tensor:
+    """`attend(q_part, k_part, v_part, start, end)` for the queries start..end-1, `rows` at a time, the
+    outputs concatenated: for a mask or bias that is built per (query, key) pair and would be too large
+    at once. A causal chunk gets only the keys up to its last query (q_offset + end), which every one
+    of its rows masks after; a single chunk gets every key."""
+    n_queries, n_keys = q.shape[2], k.shape[2]
     if n_queries <= rows:
-        return _masked(q, k, v, slopes, causal, q_offset, scale, bias, enable_gqa)
+        return attend(q, k, v, 0, n_queries)
     outs = []
     for start in range(0, n_queries, rows):
         end = min(start + rows, n_queries)
         keys = min(n_keys, q_offset + end) if causal else n_keys
-        part = bias
-        if part is not None:
-            if part.dim() < 2:  # (Lk,) or a scalar: broadcast over the queries
-                part = part.reshape((1,) * (2 - part.dim()) + tuple(part.shape))
-            part = part[..., start:end, :] if part.shape[-2] != 1 else part
-            part = part[..., :keys] if part.shape[-1] != 1 else part
-        outs.append(_masked(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], slopes, causal, q_offset + start,
-                            scale, part, enable_gqa))
+        outs.append(attend(q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], start, end))
     return torch.cat(outs, dim=2)
 
 
