@@ -33,7 +33,7 @@ from alibi_lm.model import ModelConfig, TransformerLM
 from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "read_checkpoint_meta",
-           "save_model_checkpoint", "unwrap_model", "write_json"]
+           "replace_dir", "save_model_checkpoint", "unwrap_model", "write_json"]
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -110,6 +110,25 @@ def write_json(path: str | Path, data) -> None:
         raise OSError(error.errno, error.strerror, str(path)) from None
 
 
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete folder `new` where `target` is. An existing `target` is moved aside, not deleted,
+    until the new one is in place (and moved back if that fails), so a failure in between (a full disk,
+    a kill) never leaves the user with neither."""
+    old = None
+    if target.exists():
+        old = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        raise
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_checkpoint(directory: str | Path, *, state: dict[str, torch.Tensor], config: ModelConfig, train_len: int,
                      tokenizer: Tokenizer | None = None, extra_meta: dict | None = None,
                      tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
@@ -142,14 +161,7 @@ def write_checkpoint(directory: str | Path, *, state: dict[str, torch.Tensor], c
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         _fsync_file(tmp / "meta.json")
         _fsync_dir(tmp)
-        old = None
-        if directory.exists():
-            old = directory.parent / f".old-{directory.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        _fsync_dir(directory.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

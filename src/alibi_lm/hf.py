@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alibi_lm.checkpoint import replace_dir
 from alibi_lm.errors import UserError
 from alibi_lm.model import ModelConfig, TransformerLM
 from alibi_lm.positions import alibi_slopes, mpt_alibi_slopes
@@ -272,7 +273,7 @@ def export_bloom(model: TransformerLM, out_dir: str | os.PathLike, *, tokenizer:
         save_file(bloom_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp, train_len)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _naming(error, out_dir) from None
@@ -280,23 +281,6 @@ def export_bloom(model: TransformerLM, out_dir: str | os.PathLike, *, tokenizer:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` where `target` is. The old folder is moved aside, not deleted, until the new one is in
-    place, so a failure in between (a full disk, a kill) never leaves the user with neither."""
-    if not target.exists():
-        new.rename(target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-    old.rmdir()
-    target.rename(old)
-    try:
-        new.rename(target)
-    except BaseException:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
