@@ -259,18 +259,11 @@ def _full_model_state(model: nn.Module, parallel: str) -> dict[str, torch.Tensor
 _RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "best"}
 
 
-def _check_fresh_run_dir(run_dir: Path) -> None:
-    """A new run (no --resume) writes config.json and metrics.jsonl and replaces best/: refuse a directory
-    whose files it would clobber: someone else's files, or an earlier run's best model (one whose
-    checkpoints were deleted). The metrics of a run that died before its first checkpoint are replaced,
-    as re-running the same command after a crash should work. A log file beside them is kept."""
-    _check_foreign_files(run_dir)
-    if (run_dir / "best").exists():
-        raise UserError(f"{run_dir} holds an earlier run's best model (best/) but no checkpoint to resume; "
-                        "choose another run.out_dir, or delete it to start over")
-
-
 def _check_foreign_files(run_dir: Path) -> None:
+    """A new run (no --resume) writes config.json and metrics.jsonl and replaces best/: refuse a directory
+    holding someone else's files. The metrics of a run that died before its first checkpoint are
+    replaced, as re-running the same command after a crash should work; a log file beside them is kept.
+    An earlier run's checkpoints and best model are refused in `_train`, once the lock is held."""
     if not run_dir.is_dir():
         return
     foreign = sorted(p.name for p in run_dir.iterdir()
@@ -447,8 +440,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     elif existing is not None:
         raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it or choose another "
                         "run.out_dir")
-    else:
-        _check_fresh_run_dir(run_dir)
+    elif (run_dir / "best").exists():  # an earlier run whose checkpoints were deleted
+        raise UserError(f"{run_dir} holds an earlier run's best model (best/) but no checkpoint to resume; "
+                        "choose another run.out_dir, or delete it to start over")
 
     device = info.device
     if device.type == "cuda":
