@@ -59,22 +59,22 @@ class _Streamer:
         self.ids.append(tokens[0])
         text = self.tokenizer.decode(self.ids)
         stable = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence decodes to U+FFFD for now
-        if stable.startswith(self.printed) and len(stable) > len(self.printed):
-            if not self.printed and not stable.startswith("\n"):
-                self.out.write(self.separator)
-            self.out.write(stable[len(self.printed) :])
-            self.out.flush()
-            self.printed = stable
+        self._write_past_printed(stable)
+        self.out.flush()
 
     def finish(self) -> None:
         self._echo_prompt()
-        text = self.tokenizer.decode(self.ids)
+        self._write_past_printed(self.tokenizer.decode(self.ids))
+        self.out.write("\n")
+        self.out.flush()
+
+    def _write_past_printed(self, text: str) -> None:
+        """Write what `text` adds to what is on the terminal (nothing if it no longer extends it)."""
         if text.startswith(self.printed) and len(text) > len(self.printed):
             if not self.printed and not text.startswith("\n"):
                 self.out.write(self.separator)
             self.out.write(text[len(self.printed) :])
-        self.out.write("\n")
-        self.out.flush()
+            self.printed = text
 
 
 def run(args: argparse.Namespace) -> int:
