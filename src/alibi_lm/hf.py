@@ -168,10 +168,9 @@ def bloom_state_dict(model: TransformerLM) -> dict[str, Tensor]:
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; give a directory to export into")
-    if (out_dir / "meta.json").is_file():
-        raise UserError(f"{out_dir} is an alibi-lm checkpoint; export into a new directory (it is never replaced)")
-    if (out_dir / "checkpoints").is_dir():
-        raise UserError(f"{out_dir} is an alibi-lm run directory; export into a new directory (it is never replaced)")
+    kind = _alibi_lm_kind(out_dir)
+    if kind:
+        raise UserError(f"{out_dir} is an alibi-lm {kind}; export into a new directory (it is never replaced)")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise UserError(f"{out_dir} already exists and is not empty; choose a new directory or pass --overwrite")
