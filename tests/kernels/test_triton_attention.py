@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from alibi_lm.kernels import attention
+from alibi_lm.kernels import triton_attention as kernel_module
 from alibi_lm.kernels.reference import attention_reference
 from alibi_lm.kernels.triton_attention import flash_forward, supports, triton_attention
 
@@ -50,6 +51,32 @@ def test_long_offset_bias_is_exact(causal: bool) -> None:
     check(Case(1, 2, 2, 17, 70, 32, causal=causal, q_offset=65_500, slopes="trainable"), triton_attention,
           device=DEVICE)
 
+
+
+TMA_CASES = [
+    Case(2, 4, 2, 37, 37, 64, slopes="trainable"),  # ragged tile, GQA
+    Case(1, 3, 1, 20, 53, 32, q_offset=33),  # chunked prefill over a cache
+    Case(1, 2, 2, 17, 17, 80, causal=False, dtype=fp16),  # head dim padded to the tile by the copy engine
+]
+
+
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_tensor_descriptor_forward_matches_pointer_forward(case: Case) -> None:
+    """The forward kernel's tensor-descriptor loads (the copy engine's zero fill at ragged edges, its
+    clipped stores) compute what its pointer loads compute, and both stay as close to float64."""
+    q, k, v, slopes = make_inputs(case, DEVICE)
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)  # the model's (B, L, H, D) memory layout
+    sl = None if slopes is None else slopes.detach().float()
+    args = (q, k, v, sl, case.causal, case.q_offset, case.head_dim ** -0.5)
+    assert kernel_module._tma_capable(q, k, v) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    tma_out, tma_lse = kernel_module._forward(*args, tma=True)
+    ptr_out, ptr_lse = kernel_module._forward(*args, tma=False)
+    oracle = attention_reference(q.double(), k.double(), v.double(), slopes=None if sl is None else sl.double(),
+                                 causal=case.causal, q_offset=case.q_offset)
+    assert max_err(tma_out, oracle) <= 2 * max_err(ptr_out, oracle) + 2**-8
+    torch.testing.assert_close(tma_lse, ptr_lse, rtol=0, atol=1e-4)
+    if DEVICE == "cpu":  # the interpreter runs both paths through the same arithmetic
+        assert torch.equal(tma_out, ptr_out)
 
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(

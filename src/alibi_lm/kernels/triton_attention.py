@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 __all__ = ["HEAD_DIMS", "supports", "triton_attention"]
 
@@ -32,29 +33,45 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ALIBI_TRITON_AUTOTUNE=0 pins each kernel to its first config: GPU test runs compile dozens of
 # (dtype, head dim, flag) variants, and autotuning each would multiply the compile time.
 _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
+# ALIBI_TRITON_TMA=1 makes the forward kernel load its tiles through Hopper's tensor memory
+# accelerator (host tensor descriptors) instead of pointer arithmetic; an experiment under measurement,
+# off by default. `_forward(tma=...)` overrides it per call (benchmarks, tests).
+USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "0") == "1"
 # Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
 DECODE_MAX_QUERIES = 16
 
 
-def _configs(hopper: list[tuple[int, int, int, int]], interpret: tuple[int, int]) -> list[triton.Config]:
+def _configs(hopper: list[tuple[int, int, int, int]], interpret: tuple[int, int], pre_hook=None
+             ) -> list[triton.Config]:
     # The interpreter pays per block, not per element, and autotuning there would only multiply the
     # test time: one small config with BLOCK_M != BLOCK_N so the diagonal bookkeeping is exercised.
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": interpret[0], "BLOCK_N": interpret[1]}, num_warps=4, num_stages=1)]
-    if not _AUTOTUNE:
+        hopper = [(interpret[0], interpret[1], 4, 1)]
+    elif not _AUTOTUNE:
         hopper = hopper[:1]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in hopper]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
+            for m, n, w, s in hopper]
+
+
+def _tma_block_shapes(nargs: dict) -> None:
+    """Give the forward kernel's tensor descriptors (when it gets them) the tile shapes of the config
+    the autotuner is about to launch: a descriptor's block shape is fixed at launch, the config is not."""
+    if not isinstance(nargs["Q"], TensorDescriptor):
+        return
+    m, n, d = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
+    nargs["Q"].block_shape = nargs["O"].block_shape = [1, 1, m, d]
+    nargs["K"].block_shape = nargs["V"].block_shape = [1, 1, n, d]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from FlashAttention-2 Triton practice on sm_90.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-                        (32, 16))
+                        (32, 16), pre_hook=_tma_block_shapes)
 # The dK/dV kernel keeps a key tile resident and streams queries; the dQ kernel the reverse.
 _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16))
 # D = 256: the tiles above overflow the 227 KiB of shared memory (and the fp32 accumulators the
 # registers), so wide heads get their own short lists with narrow tiles and shallow pipelines.
-_FWD_WIDE = _configs([(64, 32, 4, 2), (64, 64, 8, 2)], (32, 16))
+_FWD_WIDE = _configs([(64, 32, 4, 2), (64, 64, 8, 2)], (32, 16), pre_hook=_tma_block_shapes)
 _DKDV_WIDE = _configs([(32, 32, 8, 1), (32, 64, 8, 1)], (16, 32))
 _DQ_WIDE = _configs([(64, 32, 8, 1), (32, 32, 4, 2)], (32, 16))
 
@@ -103,25 +120,29 @@ def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constex
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D,
+def _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D,
                qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
         pos_k = offs_k.to(tl.float32)
-        kT_ptrs = K + offs_k[None, :] * stride_kn + offs_d[:, None]
-        v_ptrs = V + offs_k[:, None] * stride_vn + offs_d[None, :]
-        if MASKED:
+        if USE_TMA:
+            # rows past Lk (and columns past D) arrive as zeros; the scores' mask below still applies
+            kT = tl.trans(K.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+            v = V.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        elif MASKED:
             k_ok = offs_k < Lk
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            kT = tl.load(K + offs_k[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            v = tl.load(V + offs_k[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
+                        other=0.0)
         elif BLOCK_D == D:
-            kT = tl.load(kT_ptrs)
-            v = tl.load(v_ptrs)
+            kT = tl.load(K + offs_k[None, :] * stride_kn + offs_d[:, None])
+            v = tl.load(V + offs_k[:, None] * stride_vn + offs_d[None, :])
         else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            kT = tl.load(K + offs_k[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(V + offs_k[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         if MASKED:
             ok = (offs_k < Lk)[None, :]
@@ -142,8 +163,9 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, lo, hi, pos_q, pos_
 def _fwd_kernel(Q, K, V, Slopes, O, LSE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 H, GROUP, Lq, Lk, q_offset, qk_scale, D, LQ_BUCKET, LK_BUCKET,
-                CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
+                CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Q, K, V, O are pointers, or with USE_TMA tensor descriptors of the (B, H, L, D) tensors."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -154,10 +176,13 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    K += b * skb + hkv * skh
-    V += b * svb + hkv * svh
+    if USE_TMA:
+        q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        K += b * skb + hkv * skh
+        V += b * svb + hkv * svh
     slope_l2 = 0.0
     if HAS_SLOPES:
         slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
@@ -173,19 +198,25 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
     if CAUSAL:
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, 0, full_end, pos_q, pos_b, offs_n, offs_d, Lk,
-                               D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, BLOCK_N, BLOCK_D)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skn, svn, full_end, hi, pos_q, pos_b, offs_n, offs_d,
-                               Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_N, BLOCK_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, skn, svn, 0, full_end, pos_q, pos_b, offs_n,
+                               offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, USE_TMA, BLOCK_N,
+                               BLOCK_D)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, skn, svn, full_end, hi, pos_q, pos_b, offs_n,
+                               offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, USE_TMA, BLOCK_N,
+                               BLOCK_D)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    if USE_TMA:
+        # the copy engine drops the rows past Lq (and columns past D) of the tile
+        O.store([b, h, start_m, 0], acc.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
 
 
 _KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"]
-_fwd = triton.autotune(_FWD_CONFIGS, key=_KEY)(_fwd_kernel)
-_fwd_wide = triton.autotune(_FWD_WIDE, key=_KEY)(_fwd_kernel)
+_fwd = triton.autotune(_FWD_CONFIGS, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
+_fwd_wide = triton.autotune(_FWD_WIDE, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -429,8 +460,22 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _tma_capable(*tensors: Tensor) -> bool:
+    """Whether the copy engine can address these (B, H, L, D) tensors: sm_90+ (or the interpreter), a
+    16-byte-aligned base and 16-byte multiples for every stride but the last."""
+    if not (_INTERPRET or (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9)):
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
+               for t in tensors)
+
+
+def _descriptor(t: Tensor) -> TensorDescriptor:
+    # the block shape is a placeholder: _tma_block_shapes sets the launched config's tile
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, _block_d(t.shape[-1])])
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
-             scale: float) -> tuple[Tensor, Tensor]:
+             scale: float, tma: bool | None = None) -> tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     o = torch.empty_like(q)
@@ -440,9 +485,11 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     block_d = _block_d(D)
     kernel = _fwd if block_d <= 128 else _fwd_wide
-    kernel[grid](q, k, v, sl, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+    use_tma = (USE_TMA if tma is None else tma) and block_d <= 128 and _tma_capable(q, k, v, o)
+    tensors = [_descriptor(t) for t in (q, k, v, o)] if use_tma else [q, k, v, o]
+    kernel[grid](*tensors[:3], sl, tensors[3], lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                  H, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, D, _bucket(Lq), _bucket(Lk),
-                 CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
+                 CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, BLOCK_D=block_d)
     return o, lse
 
 
