@@ -6,6 +6,11 @@
 #           then benchmarks/attention_quick.py with the per-kernel profile        (~8 min)
 #   train   benchmarks/train.py, GPT-2-small positions and the short-vs-long claim, with profiles (~7 min)
 #   wt2     the WikiText-2 runs missing from RESULTS.md, then benchmarks/eval_memory.py       (~8 min)
+#   tma     the host time per attention call (benchmarks/launch_overhead.py), the GPU tests with
+#           tensor-descriptor loads in every kernel, attention_quick again, and eager ALiBi vs none
+#           training with profiles                                                       (~7 min)
+# The device tool returns at most a few files per call, so each part ends by packing $OUT into one
+# archive beside the logs.
 set -u
 export PYTHONPATH=src
 OUT=${OUT:?set OUT to the output directory}
@@ -45,8 +50,23 @@ wt2)
     timeout 80 python benchmarks/eval_memory.py --out "$OUT/em" > "$OUT/em.log" 2>&1
     tail -12 "$OUT/em.log"
     ;;
+tma)
+    timeout 90 python benchmarks/launch_overhead.py --out "$OUT/lo" > "$OUT/lo.log" 2>&1
+    head -8 "$OUT/lo.log"
+    ALIBI_TRITON_AUTOTUNE=0 ALIBI_TRITON_TMA=1 ALIBI_KERNEL_REPORT="$OUT/kernel_errors_tma.jsonl" timeout 220 \
+        python -m pytest -p no:cacheprovider -q -m gpu tests/kernels > "$OUT/gpu_tests_tma.txt" 2>&1
+    ALIBI_TRITON_AUTOTUNE=0 timeout 60 python -m pytest -p no:cacheprovider -q tests/kernels/test_triton_attention.py \
+        -k tensor_descriptor >> "$OUT/gpu_tests_tma.txt" 2>&1
+    grep -cE "^(\.|F|E)" "$OUT/gpu_tests_tma.txt"; grep -E "FAIL|Error" "$OUT/gpu_tests_tma.txt" | head -5
+    timeout 150 python benchmarks/attention_quick.py --out "$OUT/kq" --profile > "$OUT/kq.log" 2>&1
+    grep -A8 "^| D |" "$OUT/kq/attention-quick.md"
+    timeout 120 python benchmarks/train.py --out "$OUT/tb-eager" --suite gpt2 --positions alibi,none --no-compile \
+        --profile 3 > "$OUT/tb-eager.log" 2>&1
+    grep -E "tokens/s|^wall" "$OUT/tb-eager.log"
+    ;;
 *)
     echo "usage: $0 kernel|train|wt2" >&2
     exit 2
     ;;
 esac
+(cd "$OUT" && tar czf "../session-$1.tgz" . && mv "../session-$1.tgz" .)

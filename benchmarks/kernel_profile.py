@@ -65,6 +65,10 @@ def breakdown(fn: Callable[[], object], calls: int, *, top: int = 12) -> dict:
         if us > 0:
             rows.append((event.key, us / 1e3 / calls, event.count / calls))
     rows.sort(key=lambda r: -r[1])
+    # the host side: where the CPU spends a call (a low busy fraction is explained here)
+    host = sorted(((e.key, e.self_cpu_time_total / 1e3 / calls, e.count / calls) for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0),
+                  key=lambda r: -r[1])
     groups: dict[str, float] = {}
     for name, ms, _ in rows:
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + ms
@@ -77,6 +81,7 @@ def breakdown(fn: Callable[[], object], calls: int, *, top: int = 12) -> dict:
         "busy_fraction": busy_ms / wall_ms if wall_ms > 0 else None,
         "groups_ms_per_call": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
         "top_kernels": [{"name": name[:120], "ms_per_call": ms, "launches_per_call": n} for name, ms, n in rows[:top]],
+        "top_host_ops": [{"name": name[:120], "ms_per_call": ms, "calls_per_call": n} for name, ms, n in host[:8]],
     }
 
 
@@ -91,4 +96,8 @@ def markdown(title: str, result: dict) -> str:
     lines += [f"| {g} | {ms:.3f} | {ms / busy:.0%} |" for g, ms in result["groups_ms_per_call"].items()]
     lines += ["", "| kernel | ms per call | launches per call |", "|---|---:|---:|"]
     lines += [f"| `{k['name']}` | {k['ms_per_call']:.3f} | {k['launches_per_call']:g} |" for k in result["top_kernels"]]
+    if result.get("top_host_ops"):
+        lines += ["", "| host op (self CPU time) | ms per call | calls per call |", "|---|---:|---:|"]
+        lines += [f"| `{k['name']}` | {k['ms_per_call']:.3f} | {k['calls_per_call']:g} |"
+                  for k in result["top_host_ops"]]
     return "\n".join(lines) + "\n"

@@ -61,22 +61,37 @@ TMA_CASES = [
 
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=str)
-def test_tensor_descriptor_forward_matches_pointer_forward(case: Case) -> None:
-    """The forward kernel's tensor-descriptor loads (the copy engine's zero fill at ragged edges, its
-    clipped stores) compute what its pointer loads compute, and both stay as close to float64."""
-    q, k, v, slopes = make_inputs(case, DEVICE)
+def test_tensor_descriptor_paths_match_pointer_paths(case: Case) -> None:
+    """The kernels' tensor-descriptor loads (the copy engine's zero fill at ragged edges, its clipped
+    stores) compute what their pointer loads compute: forward, log-sum-exp and every gradient, each as
+    close to float64 as the pointer path's."""
+    q, k, v, slopes = (None if t is None else t.detach() for t in make_inputs(case, DEVICE))
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # the model's (B, L, H, D) memory layout
-    sl = None if slopes is None else slopes.detach().float()
+    sl = None if slopes is None else slopes.float()
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
     args = (q, k, v, sl, case.causal, case.q_offset, case.head_dim ** -0.5)
-    assert kernel_module._tma_capable(q, k, v) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
-    tma_out, tma_lse = kernel_module._forward(*args, tma=True)
-    ptr_out, ptr_lse = kernel_module._forward(*args, tma=False)
-    oracle = attention_reference(q.double(), k.double(), v.double(), slopes=None if sl is None else sl.double(),
-                                 causal=case.causal, q_offset=case.q_offset)
-    assert max_err(tma_out, oracle) <= 2 * max_err(ptr_out, oracle) + 2**-8
-    torch.testing.assert_close(tma_lse, ptr_lse, rtol=0, atol=1e-4)
-    if DEVICE == "cpu":  # the interpreter runs both paths through the same arithmetic
-        assert torch.equal(tma_out, ptr_out)
+    assert kernel_module._tma_capable(q, k, v, do) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    got = {}
+    for tma in (True, False):
+        out, lse = kernel_module._forward(*args, tma=tma)
+        grads = kernel_module._backward(do, q, k, v, out, lse, sl, *args[4:], sl is not None, tma=tma)
+        got[tma] = (out, lse, *grads)
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    sl64 = None if sl is None else sl.double().requires_grad_(True)
+    oracle = attention_reference(*leaves, slopes=sl64, causal=case.causal, q_offset=case.q_offset)
+    oracle.backward(do.double())
+    want = [oracle.detach(), None, *(t.grad for t in leaves), None if sl64 is None else sl64.grad]
+    for name, tma_t, ptr_t, w in zip(("out", "lse", "dq", "dk", "dv", "dslopes"), got[True], got[False], want):
+        if ptr_t is None:
+            assert tma_t is None, name
+            continue
+        if DEVICE == "cpu":  # the interpreter runs both paths through the same arithmetic
+            assert torch.equal(tma_t, ptr_t), name
+        if w is None:
+            torch.testing.assert_close(tma_t, ptr_t, rtol=0, atol=1e-4)
+        else:
+            slack = 2**-8 * max(1.0, w.abs().max().item())
+            assert max_err(tma_t, w) <= 2 * max_err(ptr_t, w) + slack, name
 
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(

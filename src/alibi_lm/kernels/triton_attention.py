@@ -54,26 +54,28 @@ def _configs(hopper: list[tuple[int, int, int, int]], interpret: tuple[int, int]
 
 
 def _tma_block_shapes(nargs: dict) -> None:
-    """Give the forward kernel's tensor descriptors (when it gets them) the tile shapes of the config
-    the autotuner is about to launch: a descriptor's block shape is fixed at launch, the config is not."""
-    if not isinstance(nargs["Q"], TensorDescriptor):
-        return
-    m, n, d = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
-    nargs["Q"].block_shape = nargs["O"].block_shape = [1, 1, m, d]
-    nargs["K"].block_shape = nargs["V"].block_shape = [1, 1, n, d]
+    """Give a kernel's tensor descriptors (when it gets them) the tile shapes of the config the
+    autotuner is about to launch: a descriptor's block shape is fixed at launch, the config is not.
+    Query-side tensors are tiled by BLOCK_M rows, key-side ones by BLOCK_N."""
+    for name, rows in (("Q", "BLOCK_M"), ("O", "BLOCK_M"), ("dOd", "BLOCK_M"), ("Qd", "BLOCK_M"),
+                       ("K", "BLOCK_N"), ("V", "BLOCK_N"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
+        if isinstance(nargs.get(name), TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from FlashAttention-2 Triton practice on sm_90.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
                         (32, 16), pre_hook=_tma_block_shapes)
 # The dK/dV kernel keeps a key tile resident and streams queries; the dQ kernel the reverse.
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16))
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32),
+                         pre_hook=_tma_block_shapes)
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16),
+                       pre_hook=_tma_block_shapes)
 # D = 256: the tiles above overflow the 227 KiB of shared memory (and the fp32 accumulators the
 # registers), so wide heads get their own short lists with narrow tiles and shallow pipelines.
 _FWD_WIDE = _configs([(64, 32, 4, 2), (64, 64, 8, 2)], (32, 16), pre_hook=_tma_block_shapes)
-_DKDV_WIDE = _configs([(32, 32, 8, 1), (32, 64, 8, 1)], (16, 32))
-_DQ_WIDE = _configs([(64, 32, 8, 1), (32, 32, 4, 2)], (32, 16))
+_DKDV_WIDE = _configs([(32, 32, 8, 1), (32, 64, 8, 1)], (16, 32), pre_hook=_tma_block_shapes)
+_DQ_WIDE = _configs([(64, 32, 8, 1), (32, 32, 4, 2)], (32, 16), pre_hook=_tma_block_shapes)
 
 
 # Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot; there the operands
@@ -239,31 +241,36 @@ def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D,
-                qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi)."""
+def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk,
+                q_offset, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi).
+    Q and dO are that head's pointers; with USE_TMA the tiles come through the descriptors Qd, dOd."""
     d_ok = offs_d < D
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         pos_q = (q_offset + rows).to(tl.float32)
         pos_b = _bias_positions(q_offset + rows, Lk)
-        qT_ptrs = Q + rows[None, :] * sqm + offs_d[:, None]
-        do_ptrs = dO + rows[:, None] * sdom + offs_d[None, :]
+        if USE_TMA:
+            # rows past Lq arrive as zeros, and their +inf log-sum-exp below zeroes their probabilities
+            qT = tl.trans(Qd.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
+            do = dOd.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        elif MASKED:
+            r_ok = rows < Lq
+            qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            do = tl.load(dO + rows[:, None] * sdom + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        elif BLOCK_D == D:
+            qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None])
+            do = tl.load(dO + rows[:, None] * sdom + offs_d[None, :])
+        else:
+            qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            do = tl.load(dO + rows[:, None] * sdom + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         if MASKED:
             r_ok = rows < Lq
-            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-            do = tl.load(do_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             # +inf drives the probabilities of absent rows to zero
             lse = tl.load(LSE + rows, mask=r_ok, other=float("inf"))
             delta = tl.load(Delta + rows, mask=r_ok, other=0.0)
         else:
-            if BLOCK_D == D:
-                qT = tl.load(qT_ptrs)
-                do = tl.load(do_ptrs)
-            else:
-                qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
-                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             lse = tl.load(LSE + rows)
             delta = tl.load(Delta + rows)
         # transposed tile: keys are rows here, so the bias distance is pos_q - pos_k along columns
@@ -284,12 +291,13 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
+def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
-                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Qd and dOd are tensor descriptors of Q and dO with USE_TMA (else unused)."""
     start_n = tl.program_id(0) * BLOCK_N
     bhkv = tl.program_id(1)
     b = bhkv // Hkv
@@ -325,15 +333,15 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
         dOh = dO + b * sdob + h * sdoh
         LSEh = LSE + bh * Lq
         Dh = Delta + bh * Lq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k, offs_m,
-                             offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
-                             BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k, offs_m,
-                             offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False,
-                             BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k, offs_m,
-                             offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
-                             BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k,
+                             offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
+                             USE_TMA, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k,
+                             offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False,
+                             USE_TMA, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k,
+                             offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
+                             USE_TMA, BLOCK_M, BLOCK_D)
     tl.store(dK + b * sdkb + hkv * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dV + b * sdvb + hkv * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
@@ -341,25 +349,27 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
 
 
 @triton.jit
-def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale,
-              slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
-              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, Kd, Vd, b, hkv, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d,
+              Lk, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+              MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
         pos_k = offs_k.to(tl.float32)
-        kT_ptrs = K + offs_k[None, :] * skn + offs_d[:, None]
-        vT_ptrs = V + offs_k[None, :] * svn + offs_d[:, None]
-        if MASKED:
+        if USE_TMA:
+            # keys past Lk arrive as zeros; the mask below removes them
+            kT = tl.trans(Kd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+            vT = tl.trans(Vd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+        elif MASKED:
             k_ok = offs_k < Lk
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            vT = tl.load(vT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            vT = tl.load(V + offs_k[None, :] * svn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         elif BLOCK_D == D:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(vT_ptrs)
+            kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None])
+            vT = tl.load(V + offs_k[None, :] * svn + offs_d[:, None])
         else:
-            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
-            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
+            kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            vT = tl.load(V + offs_k[None, :] * svn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
         s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -385,11 +395,12 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, 
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
+def _dq_kernel(Q, K, V, dO, Kd, Vd, LSE, Delta, Slopes, dQ, dSl,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
-               CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr, USE_TMA: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Kd and Vd are tensor descriptors of K and V with USE_TMA (else unused)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -420,12 +431,12 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
     if CAUSAL:
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, 0, full_end, pos_q, pos_b,
-                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
-                               False, BLOCK_N, BLOCK_D)
-    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, full_end, hi, pos_q, pos_b,
-                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
-                               True, BLOCK_N, BLOCK_D)
+    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, Kd, Vd, b, hkv, skn, svn, 0, full_end,
+                               pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES,
+                               NEED_DSLOPES, False, USE_TMA, BLOCK_N, BLOCK_D)
+    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, Kd, Vd, b, hkv, skn, svn, full_end, hi,
+                               pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES,
+                               NEED_DSLOPES, True, USE_TMA, BLOCK_N, BLOCK_D)
     tl.store(dQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=mask)
     if NEED_DSLOPES:
@@ -433,10 +444,10 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         tl.store(dSl + bh * Lq + offs_m, sz * sy - sx, mask=m_ok)
 
 
-_dkdv = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_dkdv_kernel)
-_dkdv_wide = triton.autotune(_DKDV_WIDE, key=_KEY)(_dkdv_kernel)
-_dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
-_dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
+_dkdv = triton.autotune(_DKDV_CONFIGS, key=[*_KEY, "USE_TMA"])(_dkdv_kernel)
+_dkdv_wide = triton.autotune(_DKDV_WIDE, key=[*_KEY, "USE_TMA"])(_dkdv_kernel)
+_dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES", "USE_TMA"])(_dq_kernel)
+_dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES", "USE_TMA"])(_dq_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,7 +505,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-              causal: bool, q_offset: int, scale: float, need_dslopes: bool
+              causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool | None = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -513,15 +524,18 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     buckets = (_bucket(Lq), _bucket(Lk))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     wide = block_d > 128
+    use_tma = (USE_TMA if tma is None else tma) and not wide and _tma_capable(q, k, v, do)
+    qd, kd, vd, dod = (_descriptor(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
     kernel = _dkdv_wide if wide else _dkdv
-    kernel[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
+    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
                     *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
-                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
+                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, BLOCK_D=block_d)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     kernel = _dq_wide if wide else _dq
-    kernel[grid_q](q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                   *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
-                   CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
+    kernel[grid_q](q, k, v, do, kd, vd, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v),
+                   *_strides(do), *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
+                   CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, USE_TMA=use_tma,
+                   BLOCK_D=block_d)
     dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
     return dq, dk, dv, dslopes
 
