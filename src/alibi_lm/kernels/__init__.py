@@ -24,8 +24,13 @@ BACKENDS = ("auto", "reference", "sdpa", "triton")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# Looked up once: `attention` runs inside compiled models, and torch.compile cannot trace importlib
+# (a lookup per call broke the graph of every layer and sent the whole model forward back to eager).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

@@ -33,10 +33,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ALIBI_TRITON_AUTOTUNE=0 pins each kernel to its first config: GPU test runs compile dozens of
 # (dtype, head dim, flag) variants, and autotuning each would multiply the compile time.
 _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
-# ALIBI_TRITON_TMA=1 makes the forward kernel load its tiles through Hopper's tensor memory
-# accelerator (host tensor descriptors) instead of pointer arithmetic; an experiment under measurement,
-# off by default. `_forward(tma=...)` overrides it per call (benchmarks, tests).
-USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "0") == "1"
+# On sm_90+ the flash kernels load their Q/K/V/dO tiles through the tensor memory accelerator (host
+# tensor descriptors) instead of pointer arithmetic: on the H100 forward +34-48% at D=128, fwd+bwd
+# +4-8% (benchmarks/NOTES-kernel.md). ALIBI_TRITON_TMA=0 keeps the pointer loads (they also serve
+# older GPUs and tensors the copy engine cannot address); `_forward/_backward(tma=...)` override per call.
+USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "1") != "0"
 # Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
 DECODE_MAX_QUERIES = 16
 
