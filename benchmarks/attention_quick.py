@@ -93,8 +93,8 @@ def _ref_fp32(q, k, v, slopes) -> torch.Tensor:
 
 
 def _pointer_loads(fn):
-    """Run fn with the kernels' pointer loads instead of their tensor-descriptor (TMA) loads, the
-    comparison of NOTES-kernel.md (on GPUs before sm_90 both are the pointer path)."""
+    """Run fn with the forward kernel's pointer loads instead of its tensor-descriptor (TMA) loads, the
+    comparison of BENCHMARKS.md (on GPUs before sm_90 both are the pointer path)."""
     before, ta.USE_TMA = ta.USE_TMA, False
     try:
         return fn()
@@ -183,7 +183,7 @@ def grad_check() -> dict:
 
 def table(rows: list[dict]) -> str:
     out = ["TFLOP/s fwd / fwd+bwd, causal bf16, ours with ALiBi slopes; ratio = ours / SDPA no bias; ours_pointer = "
-           "the same kernels with pointer loads instead of tensor descriptors",
+           "the forward kernel with pointer loads instead of tensor descriptors",
            "", "| D | L | ours | ours_pointer | sdpa_no_bias | fwd ratio | fwd+bwd ratio | check vs SDPA (0 slopes) "
            "| same, ours_pointer | check vs fp32 |",
            "|---|---|---|---|---|---|---|---|---|---|"]

@@ -217,7 +217,10 @@ def main() -> None:
     todo = cases(suites, [p.strip() for p in args.positions.split(",")], not args.no_compile, args.compile_1p3b)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        # "-dirty" marks a working tree that differs from HEAD (the device machine gets a copy of the
+        # working tree whose HEAD may be older than the code it runs)
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                                text=True).stdout.strip()
     except OSError:
         commit = ""
     meta = {"device": device, "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),

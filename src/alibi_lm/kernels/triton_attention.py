@@ -33,10 +33,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # ALIBI_TRITON_AUTOTUNE=0 pins each kernel to its first config: GPU test runs compile dozens of
 # (dtype, head dim, flag) variants, and autotuning each would multiply the compile time.
 _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
-# On sm_90+ the flash kernels load their Q/K/V/dO tiles through the tensor memory accelerator (host
-# tensor descriptors) instead of pointer arithmetic: on the H100 forward +34-48% at D=128, fwd+bwd
-# +4-8% (benchmarks/NOTES-kernel.md). ALIBI_TRITON_TMA=0 keeps the pointer loads (they also serve
-# older GPUs and tensors the copy engine cannot address); `_forward/_backward(tma=...)` override per call.
+# On sm_90+ the forward kernel loads its Q/K/V tiles through the tensor memory accelerator (host tensor
+# descriptors) instead of pointer arithmetic: on the H100 forward +21-47%, fwd+bwd +4-8% (BENCHMARKS.md).
+# ALIBI_TRITON_TMA=0 keeps the pointer loads (they also serve older GPUs and tensors the copy engine
+# cannot address). The backward kernels can load the same way (`_backward(tma=True)`), but measured
+# 2-4% slower per kernel there, so they keep pointer loads by default.
 USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "1") != "0"
 # Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
 DECODE_MAX_QUERIES = 16
@@ -506,7 +507,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-              causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool | None = None
+              causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool = False
               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -525,7 +526,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     buckets = (_bucket(Lq), _bucket(Lk))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     wide = block_d > 128
-    use_tma = (USE_TMA if tma is None else tma) and not wide and _tma_capable(q, k, v, do)
+    use_tma = tma and not wide and _tma_capable(q, k, v, do)
     qd, kd, vd, dod = (_descriptor(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
     kernel = _dkdv_wide if wide else _dkdv
     kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
