@@ -9,8 +9,8 @@
 #           training shapes and decoding                                                   (~9 min)
 #   train   benchmarks/launch_overhead.py (host time per attention call), then benchmarks/train.py:
 #           GPT-2-small positions and the short-vs-long claim, with profiles               (~6 min)
-#   wt2     the WikiText-2 plateau runs still missing from RESULTS.md (2800-step schedule, early
-#           stopping), then benchmarks/eval_memory.py                                      (~9 min)
+#   wt2     the WikiText-2 runs still missing from RESULTS.md: `none` at equal budget again (its JSON
+#           was lost), then rotary, none and t5 with the 2800-step schedule and early stopping (~9 min)
 # The device tool returns only a few files per call, so each part ends by packing $OUT into one
 # archive; the last lines of each step's log are printed for the call's reply.
 set -u
@@ -47,8 +47,13 @@ train)
     grep -B2 -A12 "^| suite" "$OUT/tb/train_bench.md"; grep -E "^#### |^wall" "$OUT/tb/train_bench.md"
     ;;
 wt2)
+    # `none` at equal budget again: its results JSON of 2026-11-25 was lost in the device's reply
+    python benchmarks/reproduce_wt2.py --data .data/wt2-word --out "$OUT/equal-budget" --work-dir /tmp/wt2 \
+        --positions none --steps 1600 --max-minutes 1.5 --eval-minutes 0.4 --total-minutes 2.0 \
+        --no-progress > "$OUT/wt2-equal.log" 2>&1
+    grep '^==' "$OUT/wt2-equal.log" | tail -2
     python benchmarks/reproduce_wt2.py --data .data/wt2-word --out "$OUT/longer" --work-dir /tmp/wt2l \
-        --positions rotary,none,t5 --steps 2800 --max-minutes 1.9 --eval-minutes 1.3 --total-minutes 8.2 \
+        --positions rotary,none,t5 --steps 2800 --max-minutes 1.9 --eval-minutes 1.3 --total-minutes 7.0 \
         --no-progress > "$OUT/wt2-longer.log" 2>&1
     grep '^==' "$OUT/wt2-longer.log" | tail -6
     ;;

@@ -5,6 +5,8 @@ benchmarks/train.py, 2026-11-25), while `none` kept it 94% busy: the step waits 
 times tiny shapes (B=1, H=2, L=128, D=64, so GPU work is a few microseconds) from the host's side,
 layer by layer of the call path, each as the mean over many calls with one synchronisation at the end:
 
+  pieces          two allocations; four tensor descriptors; the autotuner's lookup + the JIT launch;
+                  the JIT launch alone with the autotuner's chosen config
   launcher        kernels.triton_attention._forward (autotuner lookup + one Triton launch)
   launcher (tma)  the same with tensor descriptors
   custom op       torch.ops.alibi_lm.flash_attention_fwd (dispatcher + the launcher)
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from alibi_lm.kernels import triton_attention as ta
 from alibi_lm.positions import alibi_slopes
@@ -63,7 +66,20 @@ def main() -> None:
     ours = lambda a, b, c: ta.triton_attention(a, b, c, slopes=sl)  # noqa: E731
     sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
     compiled = torch.compile(lambda a, b, c: ours(a, b, c) * 1.0)
+    # the pieces of one launcher call, to see which one to cut: the allocations, the descriptors, the
+    # autotuner's lookup around the JIT launch, and the JIT launch alone with the chosen config
+    o, lse = ta._forward(q, k, v, sl, True, 0, scale, tma=False)
+    grid = (triton.cdiv(L, 16), B * H)  # any grid covers the timing of the host path
+    launch_args = (q, k, v, sl, o, lse, *ta._strides(q), *ta._strides(k), *ta._strides(v), *ta._strides(o),
+                   H, 1, L, L, 0, scale * ta._LOG2E, D, ta._bucket(L), ta._bucket(L))
+    flags = dict(CAUSAL=True, HAS_SLOPES=True, USE_TMA=False, BLOCK_D=ta._block_d(D))
+    best = ta._fwd.best_config
+    fixed = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
     rows = {
+        "two allocations": lambda: (torch.empty_like(q), torch.empty((B, H, L), device="cuda")),
+        "four descriptors": lambda: [ta._descriptor(t) for t in (q, k, v, o)],
+        "autotuner + launch": lambda: ta._fwd[grid](*launch_args, **flags),
+        "JIT launch, config fixed": lambda: ta._fwd.fn[grid](*launch_args, **flags, **fixed),
         "launcher": lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=False),
         "launcher (tma)": lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=True),
         "custom op": lambda: torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, 0, scale),

@@ -93,6 +93,19 @@ def test_tensor_descriptor_paths_match_pointer_paths(case: Case) -> None:
             slack = 2**-8 * max(1.0, w.abs().max().item())
             assert max_err(tma_t, w) <= 2 * max_err(ptr_t, w) + slack, name
 
+
+def test_expanded_keys_take_the_pointer_loads() -> None:
+    """Keys shared across the batch by expand() have a zero stride, which a tensor descriptor cannot
+    express: the forward falls back to pointer loads and still computes the same attention."""
+    case = Case(2, 2, 2, 20, 20, 32)
+    q, k, v, slopes = (t.detach() for t in make_inputs(case, DEVICE))
+    k, v = k[:1].expand_as(k), v[:1].expand_as(v)
+    assert not kernel_module._tma_capable(q, k, v)
+    out = triton_attention(q, k, v, slopes=slopes)
+    oracle = attention_reference(q.double(), k.double(), v.double(), slopes=slopes.double())
+    same_dtype = attention_reference(q, k, v, slopes=slopes)
+    assert max_err(out, oracle) <= 2 * max_err(same_dtype, oracle) + 2**-8
+
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(
     q_len=st.integers(1, 48),

@@ -475,11 +475,12 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 def _tma_capable(*tensors: Tensor) -> bool:
     """Whether the copy engine can address these (B, H, L, D) tensors: sm_90+ (or the interpreter), a
-    16-byte-aligned base and 16-byte multiples for every stride but the last."""
+    16-byte-aligned base, and every stride but the last a positive multiple of 16 bytes (an expanded,
+    stride-0 dimension is left to the pointer loads)."""
     if not (_INTERPRET or (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9)):
         return False
-    return all(t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3])
-               for t in tensors)
+    return all(t.data_ptr() % 16 == 0
+               and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in tensors)
 
 
 def _descriptor(t: Tensor) -> TensorDescriptor:
