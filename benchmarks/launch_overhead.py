@@ -8,7 +8,7 @@ layer by layer of the call path, each as the mean over many calls with one synch
   pieces          two allocations; four tensor descriptors; the autotuner's lookup + the JIT launch;
                   the JIT launch alone with the autotuner's chosen config
   launcher        kernels.triton_attention._forward (autotuner lookup + one Triton launch)
-  launcher (tma)  the same with tensor descriptors
+  launcher (tma)  the same with tensor descriptors (sm_90+; elsewhere it falls back to pointers)
   custom op       torch.ops.alibi_lm.flash_attention_fwd (dispatcher + the launcher)
   fwd (grad)      triton_attention with q.requires_grad: the autograd-registered op
   fwd+bwd         forward and backward through autograd
@@ -70,7 +70,7 @@ def main() -> None:
     # autotuner's lookup around the JIT launch, and the JIT launch alone with the chosen config
     o, lse = ta._forward(q, k, v, sl, True, 0, scale, tma=False)
     grid = (triton.cdiv(L, 16), B * H)  # any grid covers the timing of the host path
-    launch_args = (q, k, v, sl, o, lse, *ta._strides(q), *ta._strides(k), *ta._strides(v), *ta._strides(o),
+    launch_args = (q, k, v, q, k, v, o, sl, o, lse, *ta._strides(q), *ta._strides(k), *ta._strides(v), *ta._strides(o),
                    H, 1, L, L, 0, scale * ta._LOG2E, D, ta._bucket(L), ta._bucket(L))
     flags = dict(CAUSAL=True, HAS_SLOPES=True, USE_TMA=False, BLOCK_D=ta._block_d(D))
     best = ta._fwd.best_config

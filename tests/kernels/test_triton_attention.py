@@ -40,14 +40,23 @@ CASES = [
 ]
 
 
+# The forward kernel loads its tiles through tensor descriptors where it can (sm_90+, and the
+# interpreter) and through pointers elsewhere (older GPUs, ALIBI_TRITON_TMA=0): both are checked.
+LOADS = pytest.mark.parametrize("descriptor_loads", [True, False], ids=["descriptor", "pointer"])
+
+
+@LOADS
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_float64(case: Case) -> None:
+def test_matches_float64(case: Case, descriptor_loads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernel_module, "USE_TMA", descriptor_loads)
     check(case, triton_attention, device=DEVICE)
 
 
+@LOADS
 @pytest.mark.parametrize("causal", [True, False])
-def test_long_offset_bias_is_exact(causal: bool) -> None:
+def test_long_offset_bias_is_exact(causal: bool, descriptor_loads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Queries ~64k tokens in: the fp32 in-tile distance keeps neighbouring keys apart."""
+    monkeypatch.setattr(kernel_module, "USE_TMA", descriptor_loads)
     check(Case(1, 2, 2, 17, 70, 32, causal=causal, q_offset=65_500, slopes="trainable"), triton_attention,
           device=DEVICE)
 
@@ -62,15 +71,17 @@ TMA_CASES = [
 
 @pytest.mark.parametrize("case", TMA_CASES, ids=str)
 def test_tensor_descriptor_paths_match_pointer_paths(case: Case) -> None:
-    """The kernels' tensor-descriptor loads (the copy engine's zero fill at ragged edges, its clipped
-    stores) compute what their pointer loads compute: forward, log-sum-exp and every gradient, each as
-    close to float64 as the pointer path's."""
+    """The kernels' tensor-descriptor loads (the copy engine's zero fill at ragged edges; in the
+    forward also its clipped store of O) compute what their pointer loads compute: forward,
+    log-sum-exp and every gradient, each as close to float64 as the pointer path's."""
     q, k, v, slopes = (None if t is None else t.detach() for t in make_inputs(case, DEVICE))
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # the model's (B, L, H, D) memory layout
     sl = None if slopes is None else slopes.float()
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
     args = (q, k, v, sl, case.causal, case.q_offset, case.head_dim ** -0.5)
-    assert kernel_module._tma_capable(q, k, v, do) == (DEVICE == "cpu" or torch.cuda.get_device_capability()[0] >= 9)
+    if not kernel_module._tma_capable(q, k, v, do):
+        assert DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9
+        pytest.skip("this GPU has no tensor memory accelerator (sm_90+)")
     got = {}
     for tma in (True, False):
         out, lse = kernel_module._forward(*args, tma=tma)
@@ -105,6 +116,15 @@ def test_expanded_keys_take_the_pointer_loads() -> None:
     oracle = attention_reference(q.double(), k.double(), v.double(), slopes=slopes.double())
     same_dtype = attention_reference(q, k, v, slopes=slopes)
     assert max_err(out, oracle) <= 2 * max_err(same_dtype, oracle) + 2**-8
+
+
+@pytest.mark.parametrize("descriptor_loads", [True, False], ids=["descriptor", "pointer"])
+def test_empty_batch(descriptor_loads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of zero sequences gives an empty output (a tensor descriptor cannot describe it)."""
+    monkeypatch.setattr(kernel_module, "USE_TMA", descriptor_loads)
+    q = torch.randn(0, 2, 5, 32, device=DEVICE).to(bf16)
+    out = flash_forward(q, q, q, slopes=torch.ones(2, device=DEVICE))
+    assert out.shape == q.shape
 
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(

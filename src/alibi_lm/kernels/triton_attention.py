@@ -59,8 +59,7 @@ def _tma_block_shapes(nargs: dict) -> None:
     """Give a kernel's tensor descriptors (when it gets them) the tile shapes of the config the
     autotuner is about to launch: a descriptor's block shape is fixed at launch, the config is not.
     Query-side tensors are tiled by BLOCK_M rows, key-side ones by BLOCK_N."""
-    for name, rows in (("Q", "BLOCK_M"), ("O", "BLOCK_M"), ("dOd", "BLOCK_M"), ("Qd", "BLOCK_M"),
-                       ("K", "BLOCK_N"), ("V", "BLOCK_N"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
+    for name, rows in (("Qd", "BLOCK_M"), ("Od", "BLOCK_M"), ("dOd", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
         if isinstance(nargs.get(name), TensorDescriptor):
             nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
@@ -124,7 +123,8 @@ def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constex
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D,
+def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d,
+               Lk, D,
                qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
@@ -133,8 +133,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, stride_kn, stride_vn, lo, hi, pos
         pos_k = offs_k.to(tl.float32)
         if USE_TMA:
             # rows past Lk (and columns past D) arrive as zeros; the scores' mask below still applies
-            kT = tl.trans(K.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-            v = V.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            kT = tl.trans(Kd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+            v = Vd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         elif MASKED:
             k_ok = offs_k < Lk
             kT = tl.load(K + offs_k[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :],
@@ -164,12 +164,13 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, stride_kn, stride_vn, lo, hi, pos
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Slopes, O, LSE,
+def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 H, GROUP, Lq, Lk, q_offset, qk_scale, D, LQ_BUCKET, LK_BUCKET,
                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Q, K, V, O are pointers, or with USE_TMA tensor descriptors of the (B, H, L, D) tensors."""
+    """With USE_TMA the tiles move through Qd, Kd, Vd, Od, tensor descriptors of the (B, H, L, D) tensors
+    Q, K, V, O (which then only give the autotuner their dtypes); without, through pointers."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -181,7 +182,7 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
     m_ok = offs_m < Lq
     d_ok = offs_d < D
     if USE_TMA:
-        q = Q.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        q = Qd.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
     else:
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -202,17 +203,17 @@ def _fwd_kernel(Q, K, V, Slopes, O, LSE,
     if CAUSAL:
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, skn, svn, 0, full_end, pos_q, pos_b, offs_n,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, 0, full_end, pos_q, pos_b, offs_n,
                                offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, USE_TMA, BLOCK_N,
                                BLOCK_D)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, hkv, skn, svn, full_end, hi, pos_q, pos_b, offs_n,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, full_end, hi, pos_q, pos_b, offs_n,
                                offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, USE_TMA, BLOCK_N,
                                BLOCK_D)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
     if USE_TMA:
         # the copy engine drops the rows past Lq (and columns past D) of the tile
-        O.store([b, h, start_m, 0], acc.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+        Od.store([b, h, start_m, 0], acc.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     else:
         tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
@@ -479,6 +480,8 @@ def _tma_capable(*tensors: Tensor) -> bool:
     stride-0 dimension is left to the pointer loads)."""
     if not (_INTERPRET or (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9)):
         return False
+    if any(t.numel() == 0 for t in tensors):  # a descriptor needs every dimension positive (an empty batch)
+        return False
     return all(t.data_ptr() % 16 == 0
                and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in tensors)
 
@@ -500,8 +503,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
     block_d = _block_d(D)
     kernel = _fwd if block_d <= 128 else _fwd_wide
     use_tma = (USE_TMA if tma is None else tma) and block_d <= 128 and _tma_capable(q, k, v, o)
-    tensors = [_descriptor(t) for t in (q, k, v, o)] if use_tma else [q, k, v, o]
-    kernel[grid](*tensors[:3], sl, tensors[3], lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+    descriptors = [_descriptor(t) for t in (q, k, v, o)] if use_tma else [q, k, v, o]
+    kernel[grid](q, k, v, *descriptors, sl, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                  H, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, D, _bucket(Lq), _bucket(Lk),
                  CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, BLOCK_D=block_d)
     return o, lse
