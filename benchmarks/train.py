@@ -38,6 +38,8 @@ from alibi_lm.model import TransformerLM
 from alibi_lm.train import (
     autocast_context,
     build_optimizer,
+    captures_cuda_graphs,
+    compile_for_training,
     flops_per_token,
     lr_at,
     peak_flops,
@@ -96,7 +98,8 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
         torch.cuda.reset_peak_memory_stats(device)
     model = TransformerLM(cfg.model).to(device)
     optimizer = build_optimizer(model, cfg, device)
-    step_model = torch.compile(model) if cfg.run.compile else model
+    step_model = compile_for_training(model, cfg)
+    cuda_graphs = captures_cuda_graphs(cfg)
     autocast = autocast_context(device, cfg.run.precision)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=8_000_000, dtype=np.uint16)
     tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.train_len
@@ -105,7 +108,7 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
         loss = None
         for step in range(first, first + n):
             loss = train_step(step_model, optimizer, step_batches(tokens, cfg, step, info), autocast=autocast,
-                              grad_clip=cfg.optim.grad_clip, lr=lr_at(step, cfg))
+                              grad_clip=cfg.optim.grad_clip, lr=lr_at(step, cfg), cuda_graphs=cuda_graphs)
         return loss
 
     t0 = time.perf_counter()
@@ -121,7 +124,8 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
     fpt = flops_per_token(model, cfg.data.train_len)
     peak = peak_flops(device)
     result = {"suite": case["suite"], "preset": case["preset"], "position": cfg.model.position,
-              "length": cfg.data.train_len, "batch": cfg.data.batch_size, "compile": cfg.run.compile,
+              "length": cfg.data.train_len, "batch": cfg.data.batch_size,
+              "compile": cfg.run.compile_mode if cfg.run.compile else False,
               "backend": backend, "tokens_per_step": tokens_per_step, "parameters": model.num_parameters(),
               "steps": steps, "warmup_steps": warmup, "warmup_seconds": warmup_s, "seconds": elapsed,
               "tokens_per_second": tok_s, "flops_per_token": fpt, "mfu": tok_s * fpt / peak if peak else None,
@@ -204,6 +208,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="model.attention_backend: auto | triton | sdpa")
     parser.add_argument("--no-compile", action="store_true", help="eager for the gpt2/short suites")
     parser.add_argument("--compile-1p3b", action="store_true", help="torch.compile the 1.3b cases too")
+    parser.add_argument("--compile-mode", default="default",
+                        help="run.compile_mode for the compiled cases: default | reduce-overhead (CUDA graphs) | ...")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile N more steps per case: GPU time by kernel group, busy fraction")
     parser.add_argument("--set", dest="sets", action="append", default=[], help="extra config override (repeatable)")
@@ -238,7 +244,8 @@ def main() -> None:
         print(f"{case['preset']} {case['position']} L={case['length']} batch={case['batch']} "
               f"compile={case['compile']} ...", flush=True)
         try:
-            r = measure(case, steps=steps, warmup=warmup, extra_sets=args.sets, backend=args.backend,
+            sets = [f"run.compile_mode={args.compile_mode}", *args.sets]
+            r = measure(case, steps=steps, warmup=warmup, extra_sets=sets, backend=args.backend,
                         profile_steps=args.profile)
         except torch.cuda.OutOfMemoryError as error:
             r = {**case, "error": f"out of memory: {str(error).splitlines()[0]}"}

@@ -49,6 +49,7 @@ def test_overrides_are_typed_by_the_field():
     ("data.batch_size=-4", "data.batch_size must be a positive integer"),
     ("model.position=alibl", 'did you mean "alibi"'),
     ("run.parallel=fsdp2", 'did you mean "fsdp"'),
+    ("run.compile_mode=reduce_overhead", 'did you mean "reduce-overhead"'),
     ("n_layers=2", "section.key=value"),
     ("optim.beta1=2", r"optim.beta1 must be in \[0, 1\)"),
     ("optim.beta2=-0.1", r"optim.beta2 must be in \[0, 1\)"),

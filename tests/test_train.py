@@ -241,3 +241,32 @@ def test_resume_drops_a_torn_metrics_line_and_refuses_a_weights_only_checkpoint(
     resume = load_config(str(_config_file(tmp_path, data_dir, "w", steps=5)))
     with pytest.raises(UserError, match="holds model weights only"):
         train(resume, resume=True, progress=False)
+
+
+def test_cuda_graph_compile_mode_trains_like_the_default_mode(tmp_path, data_dir):
+    """run.compile_mode=reduce-overhead (CUDA graphs on a GPU; on the CPU torch.compile skips the
+    capture, while the step still marks each micro-batch as a new graph step and copies the loss out of
+    the graph's memory) gives the default mode's losses, gradient accumulation included."""
+    base = [f"data.path={data_dir}", "model.dropout=0.0", "run.steps=3", "run.log_every=1", "run.eval_every=0",
+            "run.checkpoint_every=0", "model.n_layers=1", "model.d_model=32", "data.train_len=16",
+            "data.batch_size=2", "data.grad_accum=2", "run.compile=true"]
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        cfg = load_config(str(_config_file(tmp_path, data_dir, "x")), base + [
+            f"run.out_dir={tmp_path / mode}", f"run.compile_mode={mode}"])
+        runs[mode] = _losses(train(cfg, progress=False).run_dir)
+    a, b = runs["default"], runs["reduce-overhead"]
+    assert a.keys() == b.keys() == {1, 2, 3}
+    assert all(math.isclose(a[k], b[k], rel_tol=1e-5) for k in a)
+
+
+def test_cuda_graph_compile_mode_is_refused_under_torchrun(tmp_path):
+    import contextlib
+
+    from alibi_lm.distributed import DistInfo
+    from alibi_lm.train import _train
+
+    cfg = load_config("tiny", ["run.compile=true", "run.compile_mode=reduce-overhead", f"run.out_dir={tmp_path}"])
+    info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(UserError, match="one process only"), contextlib.ExitStack() as held:
+        _train(cfg, info, resume=False, progress=False, held=held)

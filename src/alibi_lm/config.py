@@ -107,12 +107,21 @@ class RunConfig:
     precision: str = "auto"
     #: torch.compile the model
     compile: bool = False
+    #: torch.compile mode: default | reduce-overhead (CUDA graphs: a step stops waiting on Python's
+    #: kernel launches, which bind small models; one process only) | max-autotune |
+    #: max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     #: ddp | fsdp (FSDP2 fully_shard per block; GPU-oriented, for models that do not fit one GPU)
     parallel: str = "ddp"
     #: write a metrics line every N steps
     log_every: int = 10
     #: accelerator peak FLOP/s for MFU; 0 = guess from the device name (H100/H200 bf16 dense: 989e12)
     peak_flops: float = 0.0
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the modes under which torch.compile captures CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
@@ -163,7 +172,8 @@ class TrainConfig:
                    "data.tokenizer": (self.data.tokenizer, ("bytes", "bpe", "word")),
                    "schedule.kind": (self.schedule.kind, ("cosine", "linear", "constant")),
                    "run.precision": (self.run.precision, ("auto", "bf16", "fp32")),
-                   "run.parallel": (self.run.parallel, ("ddp", "fsdp"))}
+                   "run.parallel": (self.run.parallel, ("ddp", "fsdp")),
+                   "run.compile_mode": (self.run.compile_mode, COMPILE_MODES)}
         for name, (value, valid) in choices.items():
             if value not in valid:
                 raise UserError(f"unknown {name} {value!r}{closest_match_hint(value, valid)}; "

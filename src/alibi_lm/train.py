@@ -38,7 +38,7 @@ from alibi_lm.checkpoint import (
     unwrap_model,
     write_checkpoint,
 )
-from alibi_lm.config import TrainConfig
+from alibi_lm.config import CUDA_GRAPH_MODES, TrainConfig
 from alibi_lm.data import batch_rows, gather_windows, load_tokens, prepare, read_meta, window_starts
 from alibi_lm.errors import UserError
 from alibi_lm.model import ModelConfig, TransformerLM, perplexity, token_nll
@@ -127,10 +127,23 @@ def autocast_context(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+def compile_for_training(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """The model as the training step calls it: itself, or compiled in `run.compile_mode`."""
+    if not cfg.run.compile:
+        return model
+    return torch.compile(model, mode=None if cfg.run.compile_mode == "default" else cfg.run.compile_mode)
+
+
+def captures_cuda_graphs(cfg: TrainConfig) -> bool:
+    return cfg.run.compile and cfg.run.compile_mode in CUDA_GRAPH_MODES
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list, *, autocast, grad_clip: float,
-               lr: float) -> torch.Tensor:
+               lr: float, cuda_graphs: bool = False) -> torch.Tensor:
     """One optimizer step over the micro-batches (gradient accumulation; DDP syncs only on the last);
-    returns the mean loss as a 0-d tensor, without synchronising with the device."""
+    returns the mean loss as a 0-d tensor, without synchronising with the device. With `cuda_graphs`
+    (a model compiled to CUDA graphs) every micro-batch starts a new graph step, and the loss is copied
+    out of the graph's memory, which the next replay overwrites."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     n = len(micro_batches)
@@ -138,11 +151,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     for i, (x, y) in enumerate(micro_batches):
         sync = model.no_sync() if isinstance(model, nn.parallel.DistributedDataParallel) and i < n - 1 \
             else contextlib.nullcontext()
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with sync:
             with autocast:
                 _, loss = model(x, y)
             (loss / n).backward()
-        total = loss.detach() if total is None else total + loss.detach()
+        loss = loss.detach().clone() if cuda_graphs else loss.detach()
+        total = loss if total is None else total + loss
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -391,6 +407,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     from tqdm import tqdm
 
     run_dir = Path(cfg.run.out_dir)
+    if captures_cuda_graphs(cfg) and info.world_size > 1:
+        raise UserError(f"run.compile_mode={cfg.run.compile_mode} captures CUDA graphs, which alibi-lm supports "
+                        "for one process only; use compile_mode=default under torchrun")
     data_meta = _prepare_data(cfg, info)
     if data_meta["vocab_size"] > cfg.model.vocab_size:
         raise UserError(f"the data's vocabulary ({data_meta['vocab_size']}) is larger than model.vocab_size "
@@ -468,7 +487,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     else:
         torch.manual_seed(cfg.run.seed + 1 + info.rank)  # dropout differs per rank
     inner = unwrap_model(model)
-    step_model = torch.compile(model) if cfg.run.compile else model
+    step_model = compile_for_training(model, cfg)
+    cuda_graphs = captures_cuda_graphs(cfg)
     autocast = autocast_context(device, cfg.run.precision)
 
     if info.is_main:
@@ -523,7 +543,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     while step < total_steps:
         lr = lr_at(step, cfg)
         pending.append(train_step(step_model, optimizer, batches_for(step), autocast=autocast,
-                                  grad_clip=cfg.optim.grad_clip, lr=lr))
+                                  grad_clip=cfg.optim.grad_clip, lr=lr, cuda_graphs=cuda_graphs))
         step += 1
         tokens_seen += tokens_per_step
         interval_tokens += tokens_per_step
