@@ -8,7 +8,8 @@
 #   peers   benchmarks/attention.py: the full table against SDPA, SDPA + mask, Flex and BLOOM,
 #           training shapes and decoding                                                   (~9 min)
 #   train   benchmarks/launch_overhead.py (host time per attention call), then benchmarks/train.py:
-#           GPT-2-small positions and the short-vs-long claim, with profiles               (~6 min)
+#           GPT-2-small positions and the short-vs-long claim, with profiles, in the default compile
+#           mode and with CUDA graphs (reduce-overhead)                                    (~9 min)
 #   wt2     the WikiText-2 runs still missing from RESULTS.md: `none` at equal budget again (its JSON
 #           was lost), then rotary, none and t5 with the 2800-step schedule and early stopping (~9 min)
 # The device tool returns only a few files per call, so each part ends by packing $OUT into one
@@ -42,9 +43,13 @@ peers)
 train)
     timeout 90 python benchmarks/launch_overhead.py --out "$OUT/lo" > "$OUT/lo.log" 2>&1
     head -8 "$OUT/lo.log"
-    timeout 450 python benchmarks/train.py --out "$OUT/tb" --suite gpt2,short \
+    timeout 250 python benchmarks/train.py --out "$OUT/tb" --suite gpt2,short \
         --positions alibi,none,sinusoidal,rotary --profile 3 > "$OUT/tb.log" 2>&1
-    grep -B2 -A12 "^| suite" "$OUT/tb/train_bench.md"; grep -E "^#### |^wall" "$OUT/tb/train_bench.md"
+    grep -A12 "^| suite" "$OUT/tb/train_bench.md"; grep -E "^#### |^wall" "$OUT/tb/train_bench.md"
+    timeout 230 python benchmarks/train.py --out "$OUT/tb-graphs" --suite gpt2,short --positions alibi,none \
+        --compile-mode reduce-overhead --profile 3 > "$OUT/tb-graphs.log" 2>&1
+    grep -A10 "^| suite" "$OUT/tb-graphs/train_bench.md"; grep -E "^#### |^wall" "$OUT/tb-graphs/train_bench.md"
+    tail -3 "$OUT/tb-graphs.log"
     ;;
 wt2)
     # `none` at equal budget again: its results JSON of 2026-11-25 was lost in the device's reply
