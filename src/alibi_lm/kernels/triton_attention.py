@@ -39,6 +39,9 @@ _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
 # cannot address). The backward kernels can load the same way (`_backward(tma=True)`), but measured
 # 2-4% slower per kernel there, so they keep pointer loads by default.
 USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "1") != "0"
+# ALIBI_TRITON_FUSED_DQ=1: one backward kernel instead of two, dQ accumulated by atomics
+# (`_backward_fused_dq`); an experiment under measurement (benchmarks/NOTES-kernel.md), off by default.
+FUSED_DQ = os.environ.get("ALIBI_TRITON_FUSED_DQ", "0") == "1"
 # Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
 DECODE_MAX_QUERIES = 16
 
@@ -244,11 +247,14 @@ def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk,
-                q_offset, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, DQ, SX, SY, SZ, sqm, sdom, lo, hi, pos_k, offs_m,
+                offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                MASKED: tl.constexpr, USE_TMA: tl.constexpr, FUSE_DQ: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi).
-    Q and dO are that head's pointers; with USE_TMA the tiles come through the descriptors Qd, dOd."""
+    Q and dO are that head's pointers; with USE_TMA the tiles come through the descriptors Qd, dOd.
+    With FUSE_DQ the tile's share of dQ (and of the three dslopes row sums of _dq_inner) is added to
+    that head's fp32 accumulators DQ (rows of D values, unit stride) and SX, SY, SZ by atomics."""
     d_ok = offs_d < D
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -290,17 +296,33 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, sqm, sdom, lo, h
         dpT = _dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT))
+        if FUSE_DQ:
+            r_ok = rows < Lq
+            # keys past Lk are zero rows of k (no dQ share) but not of pT; the slope sums must skip them
+            dq_part = _dot(tl.trans(dsT).to(k.dtype), k)
+            tl.atomic_add(DQ + rows[:, None] * BLOCK_D + offs_d[None, :], dq_part, mask=r_ok[:, None] & d_ok[None, :])
+            if NEED_DSLOPES:
+                pT = tl.where((pos_k < Lk)[:, None], pT, 0.0)
+                distT = pos_b[None, :] - pos_k[:, None]
+                if not CAUSAL:
+                    distT = tl.abs(distT)
+                pdpT = pT * dpT
+                tl.atomic_add(SX + rows, tl.sum(pdpT * distT, 0), mask=r_ok)
+                tl.atomic_add(SY + rows, tl.sum(pT * distT, 0), mask=r_ok)
+                tl.atomic_add(SZ + rows, tl.sum(pdpT, 0), mask=r_ok)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV,
+def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
-                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Qd and dOd are tensor descriptors of Q and dO with USE_TMA (else unused)."""
+                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, FUSE_DQ: tl.constexpr,
+                 NEED_DSLOPES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Qd and dOd are tensor descriptors of Q and dO with USE_TMA (else unused). With FUSE_DQ, DQacc is
+    a zeroed fp32 (B, H, Lq, BLOCK_D) accumulator of dQ / sm_scale and Sums a zeroed fp32 (B, H, 3, Lq)
+    one of the dslopes row sums (X, Y, Z of _dq_inner); else both are unused."""
     start_n = tl.program_id(0) * BLOCK_N
     bhkv = tl.program_id(1)
     b = bhkv // Hkv
@@ -336,15 +358,19 @@ def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV,
         dOh = dO + b * sdob + h * sdoh
         LSEh = LSE + bh * Lq
         Dh = Delta + bh * Lq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k,
-                             offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
-                             USE_TMA, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k,
-                             offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False,
-                             USE_TMA, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k,
-                             offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True,
-                             USE_TMA, BLOCK_M, BLOCK_D)
+        DQh = DQacc + bh * Lq * BLOCK_D
+        SXh = Sums + bh * 3 * Lq
+        SYh = SXh + Lq
+        SZh = SYh + Lq
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_lo,
+                             diag_hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
+                             HAS_SLOPES, True, USE_TMA, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_hi,
+                             lq_full, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
+                             HAS_SLOPES, False, USE_TMA, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, mid_hi,
+                             Lq, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
+                             HAS_SLOPES, True, USE_TMA, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
     tl.store(dK + b * sdkb + hkv * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dV + b * sdvb + hkv * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
@@ -447,8 +473,10 @@ def _dq_kernel(Q, K, V, dO, Kd, Vd, LSE, Delta, Slopes, dQ, dSl,
         tl.store(dSl + bh * Lq + offs_m, sz * sy - sx, mask=m_ok)
 
 
-_dkdv = triton.autotune(_DKDV_CONFIGS, key=[*_KEY, "USE_TMA"])(_dkdv_kernel)
-_dkdv_wide = triton.autotune(_DKDV_WIDE, key=[*_KEY, "USE_TMA"])(_dkdv_kernel)
+# benchmarking a config runs the kernel again: the fused-dQ accumulators restart from zero each time
+_DKDV_KEY = [*_KEY, "USE_TMA", "FUSE_DQ", "NEED_DSLOPES"]
+_dkdv = triton.autotune(_DKDV_CONFIGS, key=_DKDV_KEY, reset_to_zero=["DQacc", "Sums"])(_dkdv_kernel)
+_dkdv_wide = triton.autotune(_DKDV_WIDE, key=_DKDV_KEY, reset_to_zero=["DQacc", "Sums"])(_dkdv_kernel)
 _dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES", "USE_TMA"])(_dq_kernel)
 _dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES", "USE_TMA"])(_dq_kernel)
 
@@ -511,8 +539,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-              causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool = False
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+              causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool = False,
+              fused_dq: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """dq, dk, dv and dslopes. By default two kernels (dK/dV over key tiles, dQ over query tiles, each
+    recomputing the probabilities); with `fused_dq` (default: FUSED_DQ) one kernel, the dK/dV one,
+    also adds each tile pair's dQ share into an fp32 accumulator by atomics (non-deterministic order)."""
+    if FUSED_DQ if fused_dq is None else fused_dq:
+        return _backward_fused_dq(do, q, k, v, o, lse, slopes, causal, q_offset, scale, need_dslopes, tma)
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = _block_d(D)
@@ -533,9 +566,11 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     use_tma = tma and not wide and _tma_capable(q, k, v, do)
     qd, kd, vd, dod = (_descriptor(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
     kernel = _dkdv_wide if wide else _dkdv
-    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
-                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, BLOCK_D=block_d)
+    unused = lse.new_empty(0)
+    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, sl, dk, dv, unused, unused, *_strides(q), *_strides(k),
+                    *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset,
+                    qk_scale, scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma,
+                    FUSE_DQ=False, NEED_DSLOPES=False, BLOCK_D=block_d)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     kernel = _dq_wide if wide else _dq
     kernel[grid_q](q, k, v, do, kd, vd, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v),
@@ -543,6 +578,40 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
                    CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, USE_TMA=use_tma,
                    BLOCK_D=block_d)
     dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
+    return dq, dk, dv, dslopes
+
+
+def _backward_fused_dq(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
+                       causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    block_d = _block_d(D)
+    do = _last_dim_contiguous(do)
+    delta = torch.empty_like(lse)
+    _delta_kernel[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *_strides(o), *_strides(do), H, Lq, D,
+                                                BLOCK_M=64, BLOCK_D=block_d)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dq_acc = torch.zeros((B, H, Lq, block_d), device=q.device, dtype=torch.float32)
+    sums = torch.zeros((B, H, 3, Lq), device=q.device, dtype=torch.float32) if need_dslopes else lse.new_empty(0)
+    has_slopes = slopes is not None
+    wide = block_d > 128
+    use_tma = tma and not wide and _tma_capable(q, k, v, do)
+    qd, dod = (_descriptor(t) for t in (q, do)) if use_tma else (q, do)
+    kernel = _dkdv_wide if wide else _dkdv
+    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
+    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, slopes if has_slopes else lse, dk, dv, dq_acc, sums,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+                    H, Hkv, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, scale, D, _bucket(Lq), _bucket(Lk),
+                    CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, FUSE_DQ=True,
+                    NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
+    dq = torch.empty_like(q)  # q's own layout, as the custom op's fake implementation promises
+    dq.copy_(dq_acc[..., :D].mul_(scale))
+    dslopes = None
+    if need_dslopes:
+        sx, sy, sz = sums.unbind(2)
+        dslopes = (sz * sy - sx).sum(dim=(0, 2))
     return dq, dk, dv, dslopes
 
 
