@@ -40,7 +40,7 @@ _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
 # 2-4% slower per kernel there, so they keep pointer loads by default.
 USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "1") != "0"
 # ALIBI_TRITON_FUSED_DQ=1: one backward kernel instead of two, dQ accumulated by atomics
-# (`_backward_fused_dq`); an experiment under measurement (benchmarks/NOTES-kernel.md), off by default.
+# (`_backward(fused_dq=True)`); an experiment under measurement (benchmarks/NOTES-kernel.md), off by default.
 FUSED_DQ = os.environ.get("ALIBI_TRITON_FUSED_DQ", "0") == "1"
 # Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
 DECODE_MAX_QUERIES = 16
@@ -542,10 +542,9 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
               causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool = False,
               fused_dq: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq, dk, dv and dslopes. By default two kernels (dK/dV over key tiles, dQ over query tiles, each
-    recomputing the probabilities); with `fused_dq` (default: FUSED_DQ) one kernel, the dK/dV one,
-    also adds each tile pair's dQ share into an fp32 accumulator by atomics (non-deterministic order)."""
-    if FUSED_DQ if fused_dq is None else fused_dq:
-        return _backward_fused_dq(do, q, k, v, o, lse, slopes, causal, q_offset, scale, need_dslopes, tma)
+    recomputing the probabilities); with `fused_dq` (default: FUSED_DQ) the dK/dV kernel alone, which
+    also adds each tile pair's dQ share into an fp32 accumulator by atomics (in no fixed order)."""
+    fused = FUSED_DQ if fused_dq is None else fused_dq
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = _block_d(D)
@@ -558,7 +557,9 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     dv = torch.empty_like(v)
     has_slopes = slopes is not None
     sl = slopes if has_slopes else lse
-    dsl = torch.empty_like(lse) if need_dslopes else lse
+    unused = lse.new_empty(0)
+    dq_acc = torch.zeros((B, H, Lq, block_d), device=q.device, dtype=torch.float32) if fused else unused
+    sums = torch.zeros((B, H, 3, Lq), device=q.device, dtype=torch.float32) if fused and need_dslopes else unused
     qk_scale = scale * _LOG2E
     buckets = (_bucket(Lq), _bucket(Lk))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
@@ -566,11 +567,17 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     use_tma = tma and not wide and _tma_capable(q, k, v, do)
     qd, kd, vd, dod = (_descriptor(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
     kernel = _dkdv_wide if wide else _dkdv
-    unused = lse.new_empty(0)
-    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, sl, dk, dv, unused, unused, *_strides(q), *_strides(k),
+    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, sl, dk, dv, dq_acc, sums, *_strides(q), *_strides(k),
                     *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset,
                     qk_scale, scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma,
-                    FUSE_DQ=False, NEED_DSLOPES=False, BLOCK_D=block_d)
+                    FUSE_DQ=fused, NEED_DSLOPES=fused and need_dslopes, BLOCK_D=block_d)
+    if fused:
+        dq.copy_(dq_acc[..., :D].mul_(scale))  # into q's own layout, as the fake implementation promises
+        if not need_dslopes:
+            return dq, dk, dv, None
+        sx, sy, sz = sums.unbind(2)
+        return dq, dk, dv, (sz * sy - sx).sum(dim=(0, 2))
+    dsl = torch.empty_like(lse) if need_dslopes else lse
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     kernel = _dq_wide if wide else _dq
     kernel[grid_q](q, k, v, do, kd, vd, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v),
@@ -578,40 +585,6 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
                    CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, USE_TMA=use_tma,
                    BLOCK_D=block_d)
     dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
-    return dq, dk, dv, dslopes
-
-
-def _backward_fused_dq(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-                       causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool
-                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    block_d = _block_d(D)
-    do = _last_dim_contiguous(do)
-    delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *_strides(o), *_strides(do), H, Lq, D,
-                                                BLOCK_M=64, BLOCK_D=block_d)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dq_acc = torch.zeros((B, H, Lq, block_d), device=q.device, dtype=torch.float32)
-    sums = torch.zeros((B, H, 3, Lq), device=q.device, dtype=torch.float32) if need_dslopes else lse.new_empty(0)
-    has_slopes = slopes is not None
-    wide = block_d > 128
-    use_tma = tma and not wide and _tma_capable(q, k, v, do)
-    qd, dod = (_descriptor(t) for t in (q, do)) if use_tma else (q, do)
-    kernel = _dkdv_wide if wide else _dkdv
-    grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
-    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, slopes if has_slopes else lse, dk, dv, dq_acc, sums,
-                    *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-                    H, Hkv, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, scale, D, _bucket(Lq), _bucket(Lk),
-                    CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, FUSE_DQ=True,
-                    NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
-    dq = torch.empty_like(q)  # q's own layout, as the custom op's fake implementation promises
-    dq.copy_(dq_acc[..., :D].mul_(scale))
-    dslopes = None
-    if need_dslopes:
-        sx, sy, sz = sums.unbind(2)
-        dslopes = (sz * sy - sx).sum(dim=(0, 2))
     return dq, dk, dv, dslopes
 
 
