@@ -292,24 +292,28 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, DQ, SX, SY, SZ, 
         pT = tl.math.exp2(sT - lse[None, :])
         if MASKED and CAUSAL:
             pT = tl.where(pos_k[:, None] <= pos_q[None, :], pT, 0.0)
+        if FUSE_DQ:
+            # keys past Lk: their dK/dV rows are never stored, but their dS would reach dQ and the slope
+            # sums (and for queries past the last key their clamped bias can overflow)
+            pT = tl.where((pos_k < Lk)[:, None], pT, 0.0)
         dv += _dot(pT.to(do.dtype), do)
         dpT = _dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT))
         if FUSE_DQ:
             r_ok = rows < Lq
-            # keys past Lk are zero rows of k (no dQ share) but not of pT; the slope sums must skip them
+            # nothing reads the accumulators back in this launch: relaxed atomics suffice
             dq_part = _dot(tl.trans(dsT).to(k.dtype), k)
-            tl.atomic_add(DQ + rows[:, None] * BLOCK_D + offs_d[None, :], dq_part, mask=r_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(DQ + rows[:, None] * BLOCK_D + offs_d[None, :], dq_part, mask=r_ok[:, None] & d_ok[None, :],
+                          sem="relaxed")
             if NEED_DSLOPES:
-                pT = tl.where((pos_k < Lk)[:, None], pT, 0.0)
                 distT = pos_b[None, :] - pos_k[:, None]
                 if not CAUSAL:
                     distT = tl.abs(distT)
                 pdpT = pT * dpT
-                tl.atomic_add(SX + rows, tl.sum(pdpT * distT, 0), mask=r_ok)
-                tl.atomic_add(SY + rows, tl.sum(pT * distT, 0), mask=r_ok)
-                tl.atomic_add(SZ + rows, tl.sum(pdpT, 0), mask=r_ok)
+                tl.atomic_add(SX + rows, tl.sum(pdpT * distT, 0), mask=r_ok, sem="relaxed")
+                tl.atomic_add(SY + rows, tl.sum(pT * distT, 0), mask=r_ok, sem="relaxed")
+                tl.atomic_add(SZ + rows, tl.sum(pdpT, 0), mask=r_ok, sem="relaxed")
     return dk, dv
 
 
@@ -358,7 +362,7 @@ def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
         dOh = dO + b * sdob + h * sdoh
         LSEh = LSE + bh * Lq
         Dh = Delta + bh * Lq
-        DQh = DQacc + bh * Lq * BLOCK_D
+        DQh = DQacc + bh.to(tl.int64) * Lq * BLOCK_D  # the accumulator can pass 2**31 elements
         SXh = Sums + bh * 3 * Lq
         SYh = SXh + Lq
         SZh = SYh + Lq
@@ -572,7 +576,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
                     qk_scale, scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma,
                     FUSE_DQ=fused, NEED_DSLOPES=fused and need_dslopes, BLOCK_D=block_d)
     if fused:
-        dq.copy_(dq_acc[..., :D].mul_(scale))  # into q's own layout, as the fake implementation promises
+        torch.mul(dq_acc[..., :D], scale, out=dq)  # into q's own layout, as the fake implementation promises
         if not need_dslopes:
             return dq, dk, dv, None
         sx, sy, sz = sums.unbind(2)
