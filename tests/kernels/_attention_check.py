@@ -8,6 +8,7 @@ quantities its own error is nothing but the final rounding).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,10 @@ class Case:
     dtype: torch.dtype = torch.bfloat16
 
     def seed(self) -> int:
-        return hash((self.batch, self.heads, self.kv_heads, self.q_len, self.k_len, self.head_dim, self.causal,
-                     self.q_offset, self.slopes, str(self.dtype))) % (2**31)
+        # crc32, not hash(): str hashing is salted per process, which gave every run other inputs
+        fields = (self.batch, self.heads, self.kv_heads, self.q_len, self.k_len, self.head_dim, self.causal,
+                  self.q_offset, self.slopes, str(self.dtype))
+        return zlib.crc32(repr(fields).encode()) % (2**31)
 
 
 def make_inputs(case: Case, device: str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
