@@ -10,6 +10,8 @@ ones `alibi-lm train` gets, minus validation and checkpoints. Cases (duplicates 
          L = 1024 (batch 16)
   1.3b   cc100-1.3b.toml (24 x 2048, 16 heads, vocab 50304), eager: alibi at L = 1024 (batch 16) vs
          sinusoidal at L = 2048 (batch 8)
+  smoke  the `tiny` preset at L = 64 for each of --positions: a check of the script itself that runs on
+         a CPU in seconds (not a measurement)
 
 Writes <out>/train_bench.json and <out>/train_bench.md. Example (one H100, about 6 minutes):
   python benchmarks/train.py --out bench/ --suite gpt2,short,1.3b
@@ -49,7 +51,7 @@ from alibi_lm.train import (
 from kernel_profile import breakdown
 from kernel_profile import markdown as profile_markdown
 
-SUITES = ("gpt2", "short", "1.3b")
+SUITES = ("gpt2", "short", "1.3b", "smoke")
 GPT2 = ["model.vocab_size=50304", "model.dropout=0.0", "data.train_len=1024", "data.batch_size=16",
         "data.grad_accum=1"]
 
@@ -71,6 +73,10 @@ def cases(suites: list[str], positions: list[str], compile_gpt2: bool, compile_b
                         compile=compile_big, sets=big))
         out.append(dict(suite="1.3b", preset="cc100-1.3b", position="sinusoidal", length=2048, batch=8,
                         compile=compile_big, sets=big))
+    if "smoke" in suites:  # the `tiny` preset at L = 64: the script's own check, on a CPU in seconds
+        for position in positions:
+            out.append(dict(suite="smoke", preset="tiny", position=position, length=64, batch=4,
+                            compile=compile_gpt2, sets=["model.dropout=0.0", "data.grad_accum=1"]))
     seen, unique = set(), []
     for case in out:
         key = (case["preset"], case["position"], case["length"], case["batch"], case["compile"])

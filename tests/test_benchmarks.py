@@ -1,0 +1,83 @@
+"""The benchmark scripts' CPU modes, run as the device runs them (a subprocess per script).
+
+The benchmarks run on the GPU through a device tool with minutes per session: a script that broke
+on the way (a renamed kernel argument, a changed results layout) would waste that time. Each test
+runs a script's smoke mode and checks the numbers it wrote, not only that it exited.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alibi_lm.data import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str | Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_attention_quick_times_every_variant_and_checks_them(tmp_path: Path) -> None:
+    _run("attention_quick.py", "--out", tmp_path, "--cpu-smoke", "--profile")
+    result = json.loads((tmp_path / "attention-quick.json").read_text())
+    (row,) = result["rows"]
+    for name in ("ours", "ours_pointer", "ours_fused_dq", "sdpa_no_bias"):
+        assert row[name]["fwd_ms"] > 0 and row[name]["fwdbwd_ms"] > 0, (name, row[name])
+        assert row[name]["profile"]["groups_ms_per_call"], name
+    for check in ("check_zero_slopes_vs_sdpa", "check_pointer_zero_slopes_vs_sdpa", "check_slopes_vs_fp32"):
+        assert row[check]["ok"] and row[check]["rel"] < 1e-2, (check, row[check])
+    assert all(result["grad_check"][n]["ok"] for n in ("out", "dq", "dk", "dv", "dslopes"))
+    assert "ours_fused_dq" in (tmp_path / "attention-quick.md").read_text()
+
+
+def test_eval_memory_evaluates_every_length(tmp_path: Path) -> None:
+    _run("eval_memory.py", "--out", tmp_path, "--cpu-smoke")
+    rows = json.loads((tmp_path / "eval-memory.json").read_text())["rows"]
+    assert {r["position"] for r in rows} == {"alibi", "sinusoidal"}
+    # random weights: the mean loss is near ln(vocab) and finite at every length
+    assert all(math.isfinite(r["loss"]) and 0 < r["loss"] < 20 and r["tokens_per_second"] > 0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def byte_corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "embedded"
+    prepare("embedded", path, tokenizer="bytes", progress=False)
+    return path
+
+
+def test_reproduce_wt2_smoke_writes_results_and_report(tmp_path: Path, byte_corpus: Path) -> None:
+    out = tmp_path / "out"
+    _run("reproduce_wt2.py", "--data", byte_corpus, "--out", out, "--work-dir", tmp_path / "work",
+         "--positions", "alibi,sinusoidal", "--smoke", "--no-progress", "--report")
+    for run in ("alibi", "sinusoidal"):
+        result = json.loads((out / f"{run}.json").read_text())
+        assert result["evaluations"] and all(math.isfinite(e["ppl"]) and e["ppl"] > 1
+                                              for e in result["evaluations"])
+        assert (out / f"{run}.metrics.jsonl").read_text().strip()
+    assert "| alibi |" in (out / "RESULTS_wt2.md").read_text()
+
+
+def test_train_benchmark_measures_and_profiles_each_case(tmp_path: Path) -> None:
+    _run("train.py", "--out", tmp_path / "eager", "--suite", "smoke", "--positions", "alibi,none", "--steps", "2",
+         "--warmup", "1", "--profile", "1", "--no-compile")
+    results = json.loads((tmp_path / "eager" / "train_bench.json").read_text())["results"]
+    assert [(r["position"], r["compile"]) for r in results] == [("alibi", False), ("none", False)]
+    for r in results:
+        assert r["tokens_per_second"] > 0 and math.isfinite(r["final_loss"]), r
+        assert r["profile"]["groups_ms_per_call"] and r["profile"]["top_host_ops"], r["profile"]
+    # the CUDA-graph compile mode goes through the same step (on a CPU torch.compile skips the capture)
+    _run("train.py", "--out", tmp_path / "graphs", "--suite", "smoke", "--positions", "alibi", "--steps", "2",
+         "--warmup", "1", "--compile-mode", "reduce-overhead")
+    (r,) = json.loads((tmp_path / "graphs" / "train_bench.json").read_text())["results"]
+    assert r["compile"] == "reduce-overhead" and math.isfinite(r["final_loss"])
