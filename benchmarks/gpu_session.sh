@@ -3,8 +3,7 @@
 # device tool's 10-minute limit, everything written under $OUT (the wt2 part needs the checkout's
 # .data/wt2-word carried along). Usage: bash benchmarks/gpu_session.sh kernel|peers|train|wt2
 #   kernel  GPU tests of the kernels (descriptor forward, the default; then the pointer forward and the
-#           descriptor backward against the pointer path; then the one-kernel backward with dQ by
-#           atomics) and of the HF interop, then benchmarks/attention_quick.py with the per-kernel
+#           descriptor-vs-pointer forward tests; then the one-kernel backward with dQ by atomics) and of the HF interop, then benchmarks/attention_quick.py with the per-kernel
 #           profile of every variant                                                        (~9 min)
 #   peers   benchmarks/attention.py: the full table against SDPA, SDPA + mask, Flex and BLOOM,
 #           training shapes and decoding                                                   (~9 min)

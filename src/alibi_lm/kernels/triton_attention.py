@@ -36,8 +36,7 @@ _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
 # On sm_90+ the forward kernel loads its Q/K/V tiles through the tensor memory accelerator (host tensor
 # descriptors) instead of pointer arithmetic: on the H100 forward +21-47%, fwd+bwd +4-8% (BENCHMARKS.md).
 # ALIBI_TRITON_TMA=0 keeps the pointer loads (they also serve older GPUs and tensors the copy engine
-# cannot address). The backward kernels can load the same way (`_backward(tma=True)`), but measured
-# 2-4% slower per kernel there, so they keep pointer loads by default.
+# cannot address). The backward kernels keep pointer loads: with descriptors they measured 2-4% slower.
 USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "1") != "0"
 # ALIBI_TRITON_FUSED_DQ=1: one backward kernel instead of two, dQ accumulated by atomics
 # (`_backward(fused_dq=True)`); an experiment under measurement (benchmarks/NOTES-kernel.md), off by default.
@@ -59,10 +58,10 @@ def _configs(hopper: list[tuple[int, int, int, int]], interpret: tuple[int, int]
 
 
 def _tma_block_shapes(nargs: dict) -> None:
-    """Give a kernel's tensor descriptors (when it gets them) the tile shapes of the config the
+    """Give the forward kernel's tensor descriptors (when it gets them) the tile shapes of the config the
     autotuner is about to launch: a descriptor's block shape is fixed at launch, the config is not.
     Query-side tensors are tiled by BLOCK_M rows, key-side ones by BLOCK_N."""
-    for name, rows in (("Qd", "BLOCK_M"), ("Od", "BLOCK_M"), ("dOd", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
+    for name, rows in (("Qd", "BLOCK_M"), ("Od", "BLOCK_M"), ("Kd", "BLOCK_N"), ("Vd", "BLOCK_N")):
         if isinstance(nargs.get(name), TensorDescriptor):
             nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
 
@@ -71,15 +70,13 @@ def _tma_block_shapes(nargs: dict) -> None:
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
                         (32, 16), pre_hook=_tma_block_shapes)
 # The dK/dV kernel keeps a key tile resident and streams queries; the dQ kernel the reverse.
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32),
-                         pre_hook=_tma_block_shapes)
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16),
-                       pre_hook=_tma_block_shapes)
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16))
 # D = 256: the tiles above overflow the 227 KiB of shared memory (and the fp32 accumulators the
 # registers), so wide heads get their own short lists with narrow tiles and shallow pipelines.
 _FWD_WIDE = _configs([(64, 32, 4, 2), (64, 64, 8, 2)], (32, 16), pre_hook=_tma_block_shapes)
-_DKDV_WIDE = _configs([(32, 32, 8, 1), (32, 64, 8, 1)], (16, 32), pre_hook=_tma_block_shapes)
-_DQ_WIDE = _configs([(64, 32, 8, 1), (32, 32, 4, 2)], (32, 16), pre_hook=_tma_block_shapes)
+_DKDV_WIDE = _configs([(32, 32, 8, 1), (32, 64, 8, 1)], (16, 32))
+_DQ_WIDE = _configs([(64, 32, 8, 1), (32, 32, 4, 2)], (32, 16))
 
 
 # Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot; there the operands
@@ -127,29 +124,28 @@ def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constex
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d,
-               Lk, D,
-               qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
+               Lk, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
                USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
         pos_k = offs_k.to(tl.float32)
+        kT_ptrs = K + offs_k[None, :] * stride_kn + offs_d[:, None]
+        v_ptrs = V + offs_k[:, None] * stride_vn + offs_d[None, :]
         if USE_TMA:
             # rows past Lk (and columns past D) arrive as zeros; the scores' mask below still applies
             kT = tl.trans(Kd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
             v = Vd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         elif MASKED:
             k_ok = offs_k < Lk
-            kT = tl.load(K + offs_k[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :],
-                         other=0.0)
-            v = tl.load(V + offs_k[:, None] * stride_vn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
-                        other=0.0)
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         elif BLOCK_D == D:
-            kT = tl.load(K + offs_k[None, :] * stride_kn + offs_d[:, None])
-            v = tl.load(V + offs_k[:, None] * stride_vn + offs_d[None, :])
+            kT = tl.load(kT_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            kT = tl.load(K + offs_k[None, :] * stride_kn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            v = tl.load(V + offs_k[:, None] * stride_vn + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         if MASKED:
             ok = (offs_k < Lk)[None, :]
@@ -247,12 +243,11 @@ def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, DQ, SX, SY, SZ, sqm, sdom, lo, hi, pos_k, offs_m,
-                offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                MASKED: tl.constexpr, USE_TMA: tl.constexpr, FUSE_DQ: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, DQ, SX, SY, SZ, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk,
+                q_offset, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, NEED_DSLOPES: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi).
-    Q and dO are that head's pointers; with USE_TMA the tiles come through the descriptors Qd, dOd.
     With FUSE_DQ the tile's share of dQ (and of the three dslopes row sums of _dq_inner) is added to
     that head's fp32 accumulators DQ (rows of D values, unit stride) and SX, SY, SZ by atomics."""
     d_ok = offs_d < D
@@ -260,26 +255,22 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, DQ, SX, SY, SZ, 
         rows = start_m + offs_m
         pos_q = (q_offset + rows).to(tl.float32)
         pos_b = _bias_positions(q_offset + rows, Lk)
-        if USE_TMA:
-            # rows past Lq arrive as zeros, and their +inf log-sum-exp below zeroes their probabilities
-            qT = tl.trans(Qd.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D))
-            do = dOd.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        elif MASKED:
-            r_ok = rows < Lq
-            qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None], mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-            do = tl.load(dO + rows[:, None] * sdom + offs_d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
-        elif BLOCK_D == D:
-            qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None])
-            do = tl.load(dO + rows[:, None] * sdom + offs_d[None, :])
-        else:
-            qT = tl.load(Q + rows[None, :] * sqm + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            do = tl.load(dO + rows[:, None] * sdom + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        qT_ptrs = Q + rows[None, :] * sqm + offs_d[:, None]
+        do_ptrs = dO + rows[:, None] * sdom + offs_d[None, :]
         if MASKED:
             r_ok = rows < Lq
+            qT = tl.load(qT_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
             # +inf drives the probabilities of absent rows to zero
             lse = tl.load(LSE + rows, mask=r_ok, other=float("inf"))
             delta = tl.load(Delta + rows, mask=r_ok, other=0.0)
         else:
+            if BLOCK_D == D:
+                qT = tl.load(qT_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                qT = tl.load(qT_ptrs, mask=d_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             lse = tl.load(LSE + rows)
             delta = tl.load(Delta + rows)
         # transposed tile: keys are rows here, so the bias distance is pos_q - pos_k along columns
@@ -318,15 +309,14 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, Qd, dOd, b, h, LSE, Delta, DQ, SX, SY, SZ, 
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
+def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
-                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, FUSE_DQ: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, FUSE_DQ: tl.constexpr,
                  NEED_DSLOPES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Qd and dOd are tensor descriptors of Q and dO with USE_TMA (else unused). With FUSE_DQ, DQacc is
-    a zeroed fp32 (B, H, Lq, BLOCK_D) accumulator of dQ / sm_scale and Sums a zeroed fp32 (B, H, 3, Lq)
-    one of the dslopes row sums (X, Y, Z of _dq_inner); else both are unused."""
+    """With FUSE_DQ, DQacc is a zeroed fp32 (B, H, Lq, BLOCK_D) accumulator of dQ / sm_scale and Sums a
+    zeroed fp32 (B, H, 3, Lq) one of the dslopes row sums (X, Y, Z of _dq_inner); else both are unused."""
     start_n = tl.program_id(0) * BLOCK_N
     bhkv = tl.program_id(1)
     b = bhkv // Hkv
@@ -366,15 +356,15 @@ def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
         SXh = Sums + bh * 3 * Lq
         SYh = SXh + Lq
         SZh = SYh + Lq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_lo,
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_lo,
                              diag_hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
-                             HAS_SLOPES, True, USE_TMA, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_hi,
+                             HAS_SLOPES, True, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_hi,
                              lq_full, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
-                             HAS_SLOPES, False, USE_TMA, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, Qd, dOd, b, h, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, mid_hi,
+                             HAS_SLOPES, False, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, mid_hi,
                              Lq, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
-                             HAS_SLOPES, True, USE_TMA, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
+                             HAS_SLOPES, True, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
     tl.store(dK + b * sdkb + hkv * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dV + b * sdvb + hkv * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
@@ -382,27 +372,25 @@ def _dkdv_kernel(Q, K, V, dO, Qd, dOd, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
 
 
 @triton.jit
-def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, Kd, Vd, b, hkv, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d,
-              Lk, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
-              MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale,
+              slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
         pos_k = offs_k.to(tl.float32)
-        if USE_TMA:
-            # keys past Lk arrive as zeros; the mask below removes them
-            kT = tl.trans(Kd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-            vT = tl.trans(Vd.load([b, hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
-        elif MASKED:
+        kT_ptrs = K + offs_k[None, :] * skn + offs_d[:, None]
+        vT_ptrs = V + offs_k[None, :] * svn + offs_d[:, None]
+        if MASKED:
             k_ok = offs_k < Lk
-            kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            vT = tl.load(V + offs_k[None, :] * svn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         elif BLOCK_D == D:
-            kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None])
-            vT = tl.load(V + offs_k[None, :] * svn + offs_d[:, None])
+            kT = tl.load(kT_ptrs)
+            vT = tl.load(vT_ptrs)
         else:
-            kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
-            vT = tl.load(V + offs_k[None, :] * svn + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
+            vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
         s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -428,12 +416,11 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, Kd, Vd, b, hkv, skn, svn,
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, dO, Kd, Vd, LSE, Delta, Slopes, dQ, dSl,
+def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
                H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
-               CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr, USE_TMA: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Kd and Vd are tensor descriptors of K and V with USE_TMA (else unused)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -464,12 +451,12 @@ def _dq_kernel(Q, K, V, dO, Kd, Vd, LSE, Delta, Slopes, dQ, dSl,
     if CAUSAL:
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, Kd, Vd, b, hkv, skn, svn, 0, full_end,
-                               pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES,
-                               NEED_DSLOPES, False, USE_TMA, BLOCK_N, BLOCK_D)
-    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, Kd, Vd, b, hkv, skn, svn, full_end, hi,
-                               pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES,
-                               NEED_DSLOPES, True, USE_TMA, BLOCK_N, BLOCK_D)
+    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, 0, full_end, pos_q, pos_b,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               False, BLOCK_N, BLOCK_D)
+    dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, full_end, hi, pos_q, pos_b,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               True, BLOCK_N, BLOCK_D)
     tl.store(dQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=mask)
     if NEED_DSLOPES:
@@ -478,11 +465,11 @@ def _dq_kernel(Q, K, V, dO, Kd, Vd, LSE, Delta, Slopes, dQ, dSl,
 
 
 # benchmarking a config runs the kernel again: the fused-dQ accumulators restart from zero each time
-_DKDV_KEY = [*_KEY, "USE_TMA", "FUSE_DQ", "NEED_DSLOPES"]
+_DKDV_KEY = [*_KEY, "FUSE_DQ", "NEED_DSLOPES"]
 _dkdv = triton.autotune(_DKDV_CONFIGS, key=_DKDV_KEY, reset_to_zero=["DQacc", "Sums"])(_dkdv_kernel)
 _dkdv_wide = triton.autotune(_DKDV_WIDE, key=_DKDV_KEY, reset_to_zero=["DQacc", "Sums"])(_dkdv_kernel)
-_dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES", "USE_TMA"])(_dq_kernel)
-_dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES", "USE_TMA"])(_dq_kernel)
+_dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
+_dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -543,8 +530,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-              causal: bool, q_offset: int, scale: float, need_dslopes: bool, tma: bool = False,
-              fused_dq: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+              causal: bool, q_offset: int, scale: float, need_dslopes: bool, fused_dq: bool | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq, dk, dv and dslopes. By default two kernels (dK/dV over key tiles, dQ over query tiles, each
     recomputing the probabilities); with `fused_dq` (default: FUSED_DQ) the dK/dV kernel alone, which
     also adds each tile pair's dQ share into an fp32 accumulator by atomics (in no fixed order)."""
@@ -568,13 +555,11 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     buckets = (_bucket(Lq), _bucket(Lk))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     wide = block_d > 128
-    use_tma = tma and not wide and _tma_capable(q, k, v, do)
-    qd, kd, vd, dod = (_descriptor(t) for t in (q, k, v, do)) if use_tma else (q, k, v, do)
     kernel = _dkdv_wide if wide else _dkdv
-    kernel[grid_kv](q, k, v, do, qd, dod, lse, delta, sl, dk, dv, dq_acc, sums, *_strides(q), *_strides(k),
-                    *_strides(v), *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset,
-                    qk_scale, scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma,
-                    FUSE_DQ=fused, NEED_DSLOPES=fused and need_dslopes, BLOCK_D=block_d)
+    kernel[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, dq_acc, sums, *_strides(q), *_strides(k), *_strides(v),
+                    *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
+                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, FUSE_DQ=fused,
+                    NEED_DSLOPES=fused and need_dslopes, BLOCK_D=block_d)
     if fused:
         torch.mul(dq_acc[..., :D], scale, out=dq)  # into q's own layout, as the fake implementation promises
         if not need_dslopes:
@@ -584,10 +569,9 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     dsl = torch.empty_like(lse) if need_dslopes else lse
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     kernel = _dq_wide if wide else _dq
-    kernel[grid_q](q, k, v, do, kd, vd, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v),
-                   *_strides(do), *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
-                   CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, USE_TMA=use_tma,
-                   BLOCK_D=block_d)
+    kernel[grid_q](q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                   *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
+                   CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
     dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
     return dq, dk, dv, dslopes
 
