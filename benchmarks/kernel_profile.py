@@ -56,8 +56,9 @@ def breakdown(fn: Callable[[], object], calls: int, *, top: int = 12) -> dict:
             fn()
         sync()
         wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    events = prof.key_averages()  # aggregated once: it walks every recorded event
     rows = []
-    for event in prof.key_averages():
+    for event in events:
         if cuda:
             us = event.self_device_time_total if event.device_type != torch.autograd.DeviceType.CPU else 0
         else:
@@ -66,7 +67,7 @@ def breakdown(fn: Callable[[], object], calls: int, *, top: int = 12) -> dict:
             rows.append((event.key, us / 1e3 / calls, event.count / calls))
     rows.sort(key=lambda r: -r[1])
     # the host side: where the CPU spends a call (a low busy fraction is explained here)
-    host = sorted(((e.key, e.self_cpu_time_total / 1e3 / calls, e.count / calls) for e in prof.key_averages()
+    host = sorted(((e.key, e.self_cpu_time_total / 1e3 / calls, e.count / calls) for e in events
                    if e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0),
                   key=lambda r: -r[1])
     groups: dict[str, float] = {}
