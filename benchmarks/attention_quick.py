@@ -92,20 +92,14 @@ def _ref_fp32(q, k, v, slopes) -> torch.Tensor:
     return torch.stack(outs)
 
 
-def _variant(flag: str, value: bool, fn):
-    """Run fn with one of the kernels' module switches set: USE_TMA=False for the forward's pointer
-    loads instead of its tensor descriptors (on GPUs before sm_90 both are the pointer path),
-    FUSED_DQ=True for the one-kernel backward with dQ by atomics (BENCHMARKS.md, NOTES-kernel.md)."""
-    before = getattr(ta, flag)
-    setattr(ta, flag, value)
+def _pointer_loads(fn):
+    """Run fn with the forward kernel's pointer loads instead of its tensor-descriptor (TMA) loads, the
+    comparison of BENCHMARKS.md (on GPUs before sm_90 both are the pointer path)."""
+    before, ta.USE_TMA = ta.USE_TMA, False
     try:
         return fn()
     finally:
-        setattr(ta, flag, before)
-
-
-def _pointer_loads(fn):
-    return _variant("USE_TMA", False, fn)
+        ta.USE_TMA = before
 
 
 def bench_shape(D: int, L: int) -> dict:
@@ -121,16 +115,13 @@ def bench_shape(D: int, L: int) -> dict:
     methods = {"ours": lambda: ta.triton_attention(q, k, v, slopes=slopes, causal=True),
                "ours_pointer": lambda: _pointer_loads(lambda: ta.triton_attention(q, k, v, slopes=slopes,
                                                                                    causal=True)),
-               "ours_fused_dq": lambda: ta.triton_attention(q, k, v, slopes=slopes, causal=True),
                "sdpa_no_bias": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     for name, fn in methods.items():
         try:
             with torch.no_grad():
                 fwd = _median_ms(fn)
 
-            def step(fn=fn, name=name):
-                if name == "ours_fused_dq":  # the switch acts in the backward, so it spans both passes
-                    return _variant("FUSED_DQ", True, lambda: fn().backward(do))
+            def step(fn=fn):
                 fn().backward(do)
 
             step()  # autotune / compile the backward outside the timing
@@ -192,11 +183,10 @@ def grad_check() -> dict:
 
 def table(rows: list[dict]) -> str:
     out = ["TFLOP/s fwd / fwd+bwd, causal bf16, ours with ALiBi slopes; ratio = ours / SDPA no bias; ours_pointer = "
-           "the forward kernel with pointer loads instead of tensor descriptors; ours_fused_dq = one backward kernel "
-           "with dQ by atomics (its forward is ours)",
-           "", "| D | L | ours | ours_pointer | ours_fused_dq | sdpa_no_bias | fwd ratio | fwd+bwd ratio "
-           "| check vs SDPA (0 slopes) | same, ours_pointer | check vs fp32 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "the forward kernel with pointer loads instead of tensor descriptors",
+           "", "| D | L | ours | ours_pointer | sdpa_no_bias | fwd ratio | fwd+bwd ratio | check vs SDPA (0 slopes) "
+           "| same, ours_pointer | check vs fp32 |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r):
         return f"{r['fwd_tflops']:.0f} / {r['fwdbwd_tflops']:.0f}" if "fwd_tflops" in r else r.get("error", "-")
@@ -208,10 +198,10 @@ def table(rows: list[dict]) -> str:
         br = f"{a['fwdbwd_tflops'] / b['fwdbwd_tflops']:.2f}x" if ok else "-"
         checks = " | ".join(f"rel {c['rel']:.1e} {'ok' if c['ok'] else 'FAIL'}" for c in (
             r["check_zero_slopes_vs_sdpa"], r["check_pointer_zero_slopes_vs_sdpa"], r["check_slopes_vs_fp32"]))
-        variants = " | ".join(cell(r.get(n, {})) for n in ("ours", "ours_pointer", "ours_fused_dq", "sdpa_no_bias"))
-        out.append(f"| {r['D']} | {r['L']} | {variants} | {fr} | {br} | {checks} |")
+        out.append(f"| {r['D']} | {r['L']} | {cell(a)} | {cell(r.get('ours_pointer', {}))} | {cell(b)} | {fr} | {br} "
+                   f"| {checks} |")
     for r in rows:
-        for name in ("ours", "ours_pointer", "ours_fused_dq", "sdpa_no_bias"):
+        for name in ("ours", "ours_pointer", "sdpa_no_bias"):
             if "profile" in r.get(name, {}):
                 title = f"{name}, D={r['D']} L={r['L']} H={r['H']} B={r['B']}: one forward+backward"
                 out += ["", profile_markdown(title, r[name]["profile"]).rstrip()]

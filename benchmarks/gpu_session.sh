@@ -3,8 +3,8 @@
 # device tool's 10-minute limit, everything written under $OUT (the wt2 part needs the checkout's
 # .data/wt2-word carried along). Usage: bash benchmarks/gpu_session.sh kernel|peers|train|wt2
 #   kernel  GPU tests of the kernels (descriptor forward, the default; then the pointer forward and the
-#           descriptor-vs-pointer forward tests; then the one-kernel backward with dQ by atomics) and of the HF interop, then benchmarks/attention_quick.py with the per-kernel
-#           profile of every variant                                                        (~9 min)
+#           descriptor-vs-pointer forward tests) and of the HF interop, then
+#           benchmarks/attention_quick.py with the per-kernel profile of every variant     (~9 min)
 #   peers   benchmarks/attention.py: the full table against SDPA, SDPA + mask, Flex and BLOOM,
 #           training shapes and decoding                                                   (~9 min)
 #   train   benchmarks/launch_overhead.py (host time per attention call), then benchmarks/train.py:
@@ -33,10 +33,6 @@ kernel)
         python -m pytest -p no:cacheprovider -q tests/kernels/test_triton_attention.py \
         -k "gpu_matches or gpu_long_offset or tensor_descriptor" > "$OUT/gpu_tests_pointer.txt" 2>&1
     grep -E "^[.FEsx]+ +\[" "$OUT/gpu_tests_pointer.txt"; grep -E "FAILED|Error" "$OUT/gpu_tests_pointer.txt" | head -5
-    ALIBI_TRITON_AUTOTUNE=0 ALIBI_TRITON_FUSED_DQ=1 ALIBI_KERNEL_REPORT="$OUT/kernel_errors_fused_dq.jsonl" \
-        timeout 100 python -m pytest -p no:cacheprovider -q tests/kernels/test_triton_attention.py \
-        -k "gpu_matches or gpu_long_offset or fused_dq" > "$OUT/gpu_tests_fused_dq.txt" 2>&1
-    grep -E "^[.FEsx]+ +\[" "$OUT/gpu_tests_fused_dq.txt"; grep -E "FAILED|Error" "$OUT/gpu_tests_fused_dq.txt" | head -5
     timeout 180 python benchmarks/attention_quick.py --out "$OUT/kq" --profile > "$OUT/kq.log" 2>&1
     grep -A8 "^| D |" "$OUT/kq/attention-quick.md"
     ;;

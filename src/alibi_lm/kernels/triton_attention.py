@@ -38,9 +38,6 @@ _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
 # ALIBI_TRITON_TMA=0 keeps the pointer loads (they also serve older GPUs and tensors the copy engine
 # cannot address). The backward kernels keep pointer loads: with descriptors they measured 2-4% slower.
 USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "1") != "0"
-# ALIBI_TRITON_FUSED_DQ=1: one backward kernel instead of two, dQ accumulated by atomics
-# (`_backward(fused_dq=True)`); an experiment under measurement (benchmarks/NOTES-kernel.md), off by default.
-FUSED_DQ = os.environ.get("ALIBI_TRITON_FUSED_DQ", "0") == "1"
 # Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
 DECODE_MAX_QUERIES = 16
 
@@ -243,13 +240,10 @@ def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, DQ, SX, SY, SZ, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk,
-                q_offset, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                MASKED: tl.constexpr, FUSE_DQ: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D,
+                qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi).
-    With FUSE_DQ the tile's share of dQ (and of the three dslopes row sums of _dq_inner) is added to
-    that head's fp32 accumulators DQ (rows of D values, unit stride) and SX, SY, SZ by atomics."""
+    """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi)."""
     d_ok = offs_d < D
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -283,40 +277,20 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, DQ, SX, SY, SZ, sqm, sdom, lo, 
         pT = tl.math.exp2(sT - lse[None, :])
         if MASKED and CAUSAL:
             pT = tl.where(pos_k[:, None] <= pos_q[None, :], pT, 0.0)
-        if FUSE_DQ:
-            # keys past Lk: their dK/dV rows are never stored, but their dS would reach dQ and the slope
-            # sums (and for queries past the last key their clamped bias can overflow)
-            pT = tl.where((pos_k < Lk)[:, None], pT, 0.0)
         dv += _dot(pT.to(do.dtype), do)
         dpT = _dot(v, tl.trans(do))
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT))
-        if FUSE_DQ:
-            r_ok = rows < Lq
-            # nothing reads the accumulators back in this launch: relaxed atomics suffice
-            dq_part = _dot(tl.trans(dsT).to(k.dtype), k)
-            tl.atomic_add(DQ + rows[:, None] * BLOCK_D + offs_d[None, :], dq_part, mask=r_ok[:, None] & d_ok[None, :],
-                          sem="relaxed")
-            if NEED_DSLOPES:
-                distT = pos_b[None, :] - pos_k[:, None]
-                if not CAUSAL:
-                    distT = tl.abs(distT)
-                pdpT = pT * dpT
-                tl.atomic_add(SX + rows, tl.sum(pdpT * distT, 0), mask=r_ok, sem="relaxed")
-                tl.atomic_add(SY + rows, tl.sum(pT * distT, 0), mask=r_ok, sem="relaxed")
-                tl.atomic_add(SZ + rows, tl.sum(pdpT, 0), mask=r_ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
+def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
-                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, FUSE_DQ: tl.constexpr,
-                 NEED_DSLOPES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """With FUSE_DQ, DQacc is a zeroed fp32 (B, H, Lq, BLOCK_D) accumulator of dQ / sm_scale and Sums a
-    zeroed fp32 (B, H, 3, Lq) one of the dslopes row sums (X, Y, Z of _dq_inner); else both are unused."""
+                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhkv = tl.program_id(1)
     b = bhkv // Hkv
@@ -352,19 +326,12 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV, DQacc, Sums,
         dOh = dO + b * sdob + h * sdoh
         LSEh = LSE + bh * Lq
         Dh = Delta + bh * Lq
-        DQh = DQacc + bh.to(tl.int64) * Lq * BLOCK_D  # the accumulator can pass 2**31 elements
-        SXh = Sums + bh * 3 * Lq
-        SYh = SXh + Lq
-        SZh = SYh + Lq
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_lo,
-                             diag_hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
-                             HAS_SLOPES, True, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, diag_hi,
-                             lq_full, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
-                             HAS_SLOPES, False, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, DQh, SXh, SYh, SZh, sqm, sdom, mid_hi,
-                             Lq, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL,
-                             HAS_SLOPES, True, FUSE_DQ, NEED_DSLOPES, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k, offs_m, offs_d,
+                             Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k, offs_m, offs_d,
+                             Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, BLOCK_M, BLOCK_D)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k, offs_m, offs_d,
+                             Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_M, BLOCK_D)
     tl.store(dK + b * sdkb + hkv * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dV + b * sdvb + hkv * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
@@ -464,10 +431,8 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         tl.store(dSl + bh * Lq + offs_m, sz * sy - sx, mask=m_ok)
 
 
-# benchmarking a config runs the kernel again: the fused-dQ accumulators restart from zero each time
-_DKDV_KEY = [*_KEY, "FUSE_DQ", "NEED_DSLOPES"]
-_dkdv = triton.autotune(_DKDV_CONFIGS, key=_DKDV_KEY, reset_to_zero=["DQacc", "Sums"])(_dkdv_kernel)
-_dkdv_wide = triton.autotune(_DKDV_WIDE, key=_DKDV_KEY, reset_to_zero=["DQacc", "Sums"])(_dkdv_kernel)
+_dkdv = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_dkdv_kernel)
+_dkdv_wide = triton.autotune(_DKDV_WIDE, key=_KEY)(_dkdv_kernel)
 _dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 _dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 
@@ -530,12 +495,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-              causal: bool, q_offset: int, scale: float, need_dslopes: bool, fused_dq: bool | None = None
+              causal: bool, q_offset: int, scale: float, need_dslopes: bool
               ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """dq, dk, dv and dslopes. By default two kernels (dK/dV over key tiles, dQ over query tiles, each
-    recomputing the probabilities); with `fused_dq` (default: FUSED_DQ) the dK/dV kernel alone, which
-    also adds each tile pair's dQ share into an fp32 accumulator by atomics (in no fixed order)."""
-    fused = FUSED_DQ if fused_dq is None else fused_dq
+    """dq, dk, dv and dslopes by two kernels: dK/dV over key tiles, dQ over query tiles, each
+    recomputing the probabilities."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = _block_d(D)
@@ -548,25 +511,15 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     dv = torch.empty_like(v)
     has_slopes = slopes is not None
     sl = slopes if has_slopes else lse
-    unused = lse.new_empty(0)
-    dq_acc = torch.zeros((B, H, Lq, block_d), device=q.device, dtype=torch.float32) if fused else unused
-    sums = torch.zeros((B, H, 3, Lq), device=q.device, dtype=torch.float32) if fused and need_dslopes else unused
+    dsl = torch.empty_like(lse) if need_dslopes else lse
     qk_scale = scale * _LOG2E
     buckets = (_bucket(Lq), _bucket(Lk))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     wide = block_d > 128
     kernel = _dkdv_wide if wide else _dkdv
-    kernel[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, dq_acc, sums, *_strides(q), *_strides(k), *_strides(v),
+    kernel[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
                     *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
-                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, FUSE_DQ=fused,
-                    NEED_DSLOPES=fused and need_dslopes, BLOCK_D=block_d)
-    if fused:
-        torch.mul(dq_acc[..., :D], scale, out=dq)  # into q's own layout, as the fake implementation promises
-        if not need_dslopes:
-            return dq, dk, dv, None
-        sx, sy, sz = sums.unbind(2)
-        return dq, dk, dv, (sz * sy - sx).sum(dim=(0, 2))
-    dsl = torch.empty_like(lse) if need_dslopes else lse
+                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     kernel = _dq_wide if wide else _dq
     kernel[grid_q](q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
