@@ -6,13 +6,14 @@
 #           descriptor-vs-pointer forward tests) and of the HF interop, then
 #           benchmarks/attention_quick.py with the per-kernel profile of every variant     (~9 min)
 #   peers   benchmarks/attention.py: the full table against SDPA, SDPA + mask, Flex and BLOOM,
-#           training shapes and decoding                                                   (~9 min)
-#   train   benchmarks/launch_overhead.py (host time per attention call), then benchmarks/train.py:
-#           GPT-2-small positions and the short-vs-long claim, with profiles, in the default compile
-#           mode and with CUDA graphs (reduce-overhead)                                    (~9 min)
-#   wt2     the WikiText-2 runs still missing from RESULTS.md: `none` at equal budget again (its JSON
-#           was lost), then rotary, none and t5 with the 2800-step schedule and early stopping (~9 min)
-# The device tool returns only a few files per call, so each part ends by packing $OUT into one
+#           training shapes and decoding                                                   (~5 min)
+#   train   benchmarks/launch_overhead.py (host time per attention call, with the Python profile of
+#           the launch path), then benchmarks/train.py: GPT-2-small positions and the short-vs-long
+#           claim, with profiles, in the default compile mode and with CUDA graphs     (~7 min)
+#   wt2     the WikiText-2 results whose JSON files were lost in a device reply (RESULTS.md has their
+#           numbers from the logs): `none` at equal budget, alibi and sinusoidal with the 2800-step
+#           schedule and early stopping, so that every plot has every run               (~7 min)
+# The device tool returns at most eight files per call, so each part ends by packing $OUT into one
 # archive; the last lines of each step's log are printed for the call's reply.
 set -u
 export PYTHONPATH=src
@@ -52,19 +53,20 @@ train)
     tail -3 "$OUT/tb-graphs.log"
     ;;
 wt2)
-    # `none` at equal budget again: its results JSON of 2026-11-25 was lost in the device's reply
+    # results JSON lost in the device's replies of 2026-11-25 (the runs' logs are in results/wt2/)
     python benchmarks/reproduce_wt2.py --data .data/wt2-word --out "$OUT/equal-budget" --work-dir /tmp/wt2 \
         --positions none --steps 1600 --max-minutes 1.5 --eval-minutes 0.4 --total-minutes 2.0 \
         --no-progress > "$OUT/wt2-equal.log" 2>&1
     grep '^==' "$OUT/wt2-equal.log" | tail -2
     python benchmarks/reproduce_wt2.py --data .data/wt2-word --out "$OUT/longer" --work-dir /tmp/wt2l \
-        --positions rotary,none,t5 --steps 2800 --max-minutes 1.9 --eval-minutes 1.3 --total-minutes 7.0 \
+        --positions alibi,sinusoidal --steps 2800 --max-minutes 1.9 --eval-minutes 0.5 --total-minutes 4.6 \
         --no-progress > "$OUT/wt2-longer.log" 2>&1
-    grep '^==' "$OUT/wt2-longer.log" | tail -6
+    grep '^==' "$OUT/wt2-longer.log" | tail -4
     ;;
 *)
     echo "usage: $0 kernel|peers|train|wt2" >&2
     exit 2
     ;;
 esac
-(cd "$OUT" && tar czf "../session-$1.tgz" . && mv "../session-$1.tgz" .)
+# the archive alone comes back: the device tool returns at most eight files per call
+(cd "$OUT" && tar czf "../session-$1.tgz" . && find . -mindepth 1 -delete && mv "../session-$1.tgz" .)

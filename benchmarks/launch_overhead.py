@@ -1,59 +1,114 @@
-"""Host time per attention call (issue 6): where the Python/launch path of the fused kernel spends.
+"""Host time per attention call (issues 5 and 6): where the Python/launch path of the fused kernel spends.
 
-A training step of GPT-2 small with ALiBi kept the H100 busy only ~41% of its wall time (profile of
-benchmarks/train.py, 2026-11-25), while `none` kept it 94% busy: the step waits on the host. This
-times tiny shapes (B=1, H=2, L=128, D=64, so GPU work is a few microseconds) from the host's side,
-layer by layer of the call path, each as the mean over many calls with one synchronisation at the end:
+On the H100 (2026-11-25 evening) a forward with autograd cost 223 µs of host time per call and a
+forward+backward 1322 µs, against 197 µs for SDPA's forward+backward: the backward's three launches
+take ~1.1 ms, several times the forward's one. That host time is longer than the GPU work of a
+D = 128, L = 1024 forward+backward, and it is why decoding a token outside a CUDA graph is slower
+than SDPA at small caches. This times tiny shapes (B=1, H=2, L=128, D=64, so GPU work is a few
+microseconds) from the host's side, layer by layer of the call path, each as the mean over many
+calls with one synchronisation at the end:
 
-  pieces          two allocations; four tensor descriptors; the autotuner's lookup + the JIT launch;
-                  the JIT launch alone with the autotuner's chosen config
-  launcher        kernels.triton_attention._forward (autotuner lookup + one Triton launch)
-  launcher (tma)  the same with tensor descriptors (sm_90+; elsewhere it falls back to pointers)
-  custom op       torch.ops.alibi_lm.flash_attention_fwd (dispatcher + the launcher)
-  fwd (grad)      triton_attention with q.requires_grad: the autograd-registered op
-  fwd+bwd         forward and backward through autograd
-  compiled        the same fwd+bwd inside torch.compile (what a compiled model does per layer)
-  sdpa            SDPA fwd+bwd, the reference for a lean launch path
+  pieces             two allocations; four tensor descriptors; the autotuner's lookup + the JIT
+                     launch; the JIT launch alone with the autotuner's chosen config
+  launcher           kernels.triton_attention._forward (autotuner lookup + one Triton launch)
+  launcher (tma)     the same with tensor descriptors (sm_90+; elsewhere it falls back to pointers)
+  custom op          torch.ops.alibi_lm.flash_attention_fwd (dispatcher + the launcher)
+  fwd (grad)         triton_attention with q.requires_grad: the autograd-registered op
+  backward launcher  kernels.triton_attention._backward (three Triton launches, the allocations)
+  bwd custom op      torch.ops.alibi_lm.flash_attention_bwd (dispatcher + the backward launcher)
+  fwd+bwd            forward and backward through autograd
+  compiled           the same fwd+bwd inside torch.compile (what a compiled model does per layer)
+  sdpa               SDPA fwd+bwd, the reference for a lean launch path
+
+Then Python's own profiler (cProfile) over the forward launcher, the backward launcher and the eager
+forward+backward: the functions that take the host's time, by their own time per call, which names
+the hot spot inside the launch path (Triton's autotuner, its argument binder, the launch itself, or
+ours).
 
     PYTHONPATH=src python benchmarks/launch_overhead.py --out OUT
+    PYTHONPATH=src python benchmarks/launch_overhead.py --out OUT --cpu-smoke   # interpreter, tiny; checks the script
+
+With --cpu-smoke the kernels run in Triton's interpreter (so the times say nothing about a GPU) and
+the compiled row is left out (a compile takes longer than the rest of the run).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import os
+import pstats
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-import triton
 
-from alibi_lm.kernels import triton_attention as ta
-from alibi_lm.positions import alibi_slopes
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--calls", type=int, default=300, help="calls per timed row (default 300)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="tiny shapes on the CPU through the Triton interpreter")
+    return parser.parse_args()
 
 
-def host_us(fn, calls: int) -> float:
-    for _ in range(5):
+ARGS = _parse()
+if ARGS.cpu_smoke:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernels are imported
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from alibi_lm.kernels import triton_attention as ta  # noqa: E402
+from alibi_lm.positions import alibi_slopes  # noqa: E402
+
+DEV = "cpu" if ARGS.cpu_smoke else "cuda"
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def host_us(fn: Callable[[], object], calls: int, warmup: int) -> float:
+    for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def python_profile(fn: Callable[[], object], calls: int, top: int = 15) -> tuple[list[dict], str]:
+    """The functions with the most own time over `calls` calls of fn, per call, and pstats' table."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    sync()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:top]  # by own time
+    table = [{"function": f"{Path(file).name}:{line}({name})", "calls_per_call": round(n_calls / calls, 2),
+              "own_us_per_call": round(own / calls * 1e6, 1), "cumulative_us_per_call": round(cum / calls * 1e6, 1)}
+             for (file, line, name), (_, n_calls, own, cum, _) in rows]
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    return table, text.getvalue()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--calls", type=int, default=300)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    ARGS.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    B, H, L, D = 1, 2, 128, 64
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    sl = alibi_slopes(H).cuda()
+    B, H, L, D = (1, 2, 32, 16) if ARGS.cpu_smoke else (1, 2, 128, 64)
+    warmup = 1 if ARGS.cpu_smoke else 5
+    q, k, v = (torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    sl = alibi_slopes(H).to(DEV)
     scale = D**-0.5
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     do = torch.randn_like(q)
@@ -65,7 +120,6 @@ def main() -> None:
 
     ours = lambda a, b, c: ta.triton_attention(a, b, c, slopes=sl)  # noqa: E731
     sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
-    compiled = torch.compile(lambda a, b, c: ours(a, b, c) * 1.0)
     # the pieces of one launcher call, to see which one to cut: the allocations, the descriptors, the
     # autotuner's lookup around the JIT launch, and the JIT launch alone with the chosen config
     o, lse = ta._forward(q, k, v, sl, True, 0, scale, tma=False)
@@ -75,35 +129,50 @@ def main() -> None:
     flags = dict(CAUSAL=True, HAS_SLOPES=True, USE_TMA=False, BLOCK_D=ta._block_d(D))
     best = ta._fwd.best_config
     fixed = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
-    rows = {
-        "two allocations": lambda: (torch.empty_like(q), torch.empty((B, H, L), device="cuda")),
+    forward_launcher = lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=False)  # noqa: E731
+    backward_launcher = lambda: ta._backward(do, q, k, v, o, lse, sl, True, 0, scale, False)  # noqa: E731
+    rows: dict[str, Callable[[], object]] = {
+        "two allocations": lambda: (torch.empty_like(q), torch.empty((B, H, L), device=DEV)),
         "four descriptors": lambda: [ta._descriptor(t) for t in (q, k, v, o)],
         "autotuner + launch": lambda: ta._fwd[grid](*launch_args, **flags),
         "JIT launch, config fixed": lambda: ta._fwd.fn[grid](*launch_args, **flags, **fixed),
-        "launcher": lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=False),
+        "launcher": forward_launcher,
         "launcher (tma)": lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=True),
         "custom op": lambda: torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, 0, scale),
         "fwd (grad)": lambda: ours(qg, kg, vg),
+        "backward launcher": backward_launcher,
+        "bwd custom op": lambda: torch.ops.alibi_lm.flash_attention_bwd(do, q, k, v, o, lse, sl, True, 0, scale, False),
         "fwd+bwd": fwd_bwd(ours),
-        "compiled fwd+bwd": fwd_bwd(compiled),
         "sdpa fwd+bwd": fwd_bwd(sdpa),
     }
-    result = {"shape": dict(B=B, H=H, L=L, D=D), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "us_per_call": {}}
+    if not ARGS.cpu_smoke:
+        rows["compiled fwd+bwd"] = fwd_bwd(torch.compile(lambda a, b, c: ours(a, b, c) * 1.0))
+    result = {"shape": dict(B=B, H=H, L=L, D=D), "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
+              "torch": torch.__version__, "triton": triton.__version__, "us_per_call": {}, "python_profile": {}}
     for name, fn in rows.items():
         try:
-            result["us_per_call"][name] = round(host_us(fn, args.calls), 1)
+            result["us_per_call"][name] = round(host_us(fn, ARGS.calls, warmup), 1)
         except Exception as exc:  # noqa: BLE001 - one failing layer must not hide the others
             result["us_per_call"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        print(f"{name:>18}: {result['us_per_call'][name]} us per call", flush=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(20):
-            rows["compiled fwd+bwd"]()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
-    print(table)
-    (args.out / "launch_overhead.json").write_text(json.dumps(result, indent=1))
-    (args.out / "launch_overhead_profile.txt").write_text(table)
+        print(f"{name:>24}: {result['us_per_call'][name]} us per call", flush=True)
+    texts = []
+    for name in ("launcher", "backward launcher", "fwd+bwd"):
+        table, text = python_profile(rows[name], ARGS.calls)
+        result["python_profile"][name] = table
+        texts.append(f"==== {name}: {ARGS.calls} calls\n{text}")
+        print(f"\n{name}, own time per call (cProfile):")
+        for row in table[:8]:
+            print(f"  {row['own_us_per_call']:8.1f} us  x{row['calls_per_call']:<5} {row['function']}")
+    (ARGS.out / "launch_overhead.json").write_text(json.dumps(result, indent=1))
+    (ARGS.out / "launch_overhead_python_profile.txt").write_text("\n".join(texts))
+    if not ARGS.cpu_smoke:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(20):
+                rows["compiled fwd+bwd"]()
+            sync()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
+        print(table)
+        (ARGS.out / "launch_overhead_profile.txt").write_text(table)
 
 
 if __name__ == "__main__":

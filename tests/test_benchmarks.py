@@ -41,6 +41,21 @@ def test_attention_quick_times_every_variant_and_checks_them(tmp_path: Path) -> 
     assert "| ours | ours_pointer | sdpa_no_bias |" in (tmp_path / "attention-quick.md").read_text()
 
 
+def test_launch_overhead_times_every_layer_and_profiles_the_python_path(tmp_path: Path) -> None:
+    _run("launch_overhead.py", "--out", tmp_path, "--cpu-smoke", "--calls", "2")
+    result = json.loads((tmp_path / "launch_overhead.json").read_text())
+    times = result["us_per_call"]
+    layers = ("launcher", "custom op", "fwd (grad)", "backward launcher", "bwd custom op", "fwd+bwd", "sdpa fwd+bwd")
+    assert all(isinstance(times[name], float) and times[name] > 0 for name in layers), times
+    for name in ("launcher", "backward launcher", "fwd+bwd"):
+        top = result["python_profile"][name]
+        assert top and all(row["own_us_per_call"] >= 0 and row["calls_per_call"] > 0 for row in top), name
+        # sorted by own time, each row's cumulative time at least its own
+        assert [row["own_us_per_call"] for row in top] == sorted((row["own_us_per_call"] for row in top), reverse=True)
+        assert all(row["cumulative_us_per_call"] >= row["own_us_per_call"] for row in top), name
+    assert "function calls" in (tmp_path / "launch_overhead_python_profile.txt").read_text()
+
+
 def test_eval_memory_evaluates_every_length(tmp_path: Path) -> None:
     _run("eval_memory.py", "--out", tmp_path, "--cpu-smoke")
     rows = json.loads((tmp_path / "eval-memory.json").read_text())["rows"]
