@@ -114,6 +114,28 @@ def test_prepare_never_replaces_prepared_data_unless_asked(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no staging folder left behind
 
 
+@pytest.mark.parametrize("model_file", ["model.safetensors", "checkpoints/step_00000010/model.safetensors"])
+def test_prepare_never_writes_into_a_checkpoint_or_run_even_with_overwrite(tmp_path, model_file):
+    source = _write(tmp_path / "a.txt", "".join(f" alpha {i}\n" for i in range(60)))
+    out = tmp_path / "run"
+    (out / model_file).parent.mkdir(parents=True, exist_ok=True)
+    (out / model_file).write_bytes(b"weights")
+    (out / "meta.json").write_text('{"model": {}}')
+    before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="holds a model checkpoint or a training run"):
+            prepare(str(source), out, tokenizer="bytes", progress=False, overwrite=overwrite)
+    assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
+
+
+def test_default_data_dir_is_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ../shared/data from here: the repository's own neighbour is used
+    found = default_data_dir()
+    if SHARED is None:
+        pytest.skip("no ../shared/data beside this checkout")
+    assert found == SHARED
+
+
 def test_cli_prepare_refuses_existing_output(tmp_path, capsys):
     from alibi_lm.cli import main
 

@@ -89,7 +89,8 @@ def _read_text(path: Path) -> tuple[str, dict]:
 
 def default_data_dir() -> Path | None:
     """../shared/data from the working directory, else from the repository root, if either exists."""
-    candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[3] / ".." / "shared" / "data"]
+    repository = Path(__file__).resolve().parents[2]  # src/alibi_lm/data.py in a source checkout
+    candidates = [Path.cwd() / ".." / "shared" / "data", repository / ".." / "shared" / "data"]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
@@ -240,6 +241,9 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_s
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another output directory")
+    if _holds_a_model(out):
+        raise UserError(f"{out} holds a model checkpoint or a training run, which prepare never writes into "
+                        "(not even with --overwrite); choose another output directory")
     existing = [name for name in _OUTPUT_NAMES if (out / name).exists()]
     if existing and not overwrite:
         raise UserError(f"{out} already holds prepared data ({', '.join(existing)}); pass --overwrite to replace "
@@ -261,6 +265,11 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_s
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
+
+
+def _holds_a_model(directory: Path) -> bool:
+    # a checkpoint's weights, or a run folder's checkpoints: --overwrite of prepared data must not reach them
+    return (directory / "model.safetensors").exists() or (directory / "checkpoints").is_dir()
 
 
 def _write_prepared(out: Path, tok: Tokenizer, corpus: Corpus, source: str, dtype: np.dtype, progress: bool) -> dict:
