@@ -135,19 +135,62 @@ def test_flops_per_token_counts_attention():
     assert flops_per_token(model, 64) == 6 * n + 12 * 2 * 64 * 32
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+def _checkpoint_loss(path, data_dir) -> float:
+    """The mean next-token loss of a checkpoint's weights on the first training windows."""
+    import numpy as np
+
+    from alibi_lm.data import load_tokens
+
+    model = load_checkpoint(path).model.eval()
+    tokens = torch.from_numpy(np.asarray(load_tokens(data_dir, "train")[:4 * 33], dtype=np.int64)).view(4, 33)
+    with torch.no_grad():
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    return float(loss)
+
+
+def test_non_finite_loss_stops_and_keeps_only_checkpoints_that_give_a_finite_loss(tmp_path, data_dir):
+    # lr 1e30: the first update gives finite but huge weights (a checkpoint of them is written), whose
+    # loss is not finite: that checkpoint is not a good one
     cfg = load_config(str(_config_file(tmp_path, data_dir, "nan", steps=20)), [
         "optim.lr=1e30", "schedule.warmup_steps=0", "optim.grad_clip=0", "run.checkpoint_every=1",
-        "schedule.kind=constant"])
+        "schedule.kind=constant", "run.keep_last=1"])
     with pytest.raises(UserError, match="training diverged") as error:
         train(cfg, progress=False)
-    kept = step_checkpoints(tmp_path / "nan")
-    assert "last good checkpoint" in str(error.value) or "no checkpoint was written" in str(error.value)
-    for path in kept:  # what was kept loads and holds finite weights
-        model = load_checkpoint(path).model
-        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "no good checkpoint was written" in str(error.value), error.value
+    assert step_checkpoints(tmp_path / "nan") == [] and latest_checkpoint(tmp_path / "nan") is None
+    (moved,) = (tmp_path / "nan" / "checkpoints").glob("diverged-step_*")  # kept for a post-mortem, not resumed
+    assert not math.isfinite(_checkpoint_loss(moved, data_dir))
     # the failed run let go of its lock although its traceback (which holds its frames) is still alive
     lock_run_dir(tmp_path / "nan").close()
+
+
+def test_divergence_after_a_resume_names_a_checkpoint_that_still_trains(tmp_path, data_dir):
+    config = _config_file(tmp_path, data_dir, "late", steps=5)
+    train(load_config(str(config), ["run.checkpoint_every=1", "run.keep_last=1"]), progress=False)
+    assert [p.name for p in step_checkpoints(tmp_path / "late")] == ["step_00000005"]
+    cfg = load_config(str(config), ["run.steps=20", "run.checkpoint_every=1", "run.keep_last=1", "optim.lr=1e30",
+                                    "schedule.kind=constant", "optim.grad_clip=0"])
+    with pytest.raises(UserError, match="training diverged") as error:
+        train(cfg, resume=True, progress=False)
+    kept = step_checkpoints(tmp_path / "late")
+    # keep_last=1, yet the checkpoint before the bad one was kept: it is the one named, and it gives a finite loss
+    assert [p.name for p in kept] == ["step_00000005"] and str(kept[0]) in str(error.value)
+    assert math.isfinite(_checkpoint_loss(kept[0], data_dir))
+    assert [p.name for p in (tmp_path / "late" / "checkpoints").glob("diverged-*")] == ["diverged-step_00000006"]
+
+
+def test_a_killed_writers_temporary_folders_are_cleared_and_keep_last_holds_at_the_end(tmp_path, data_dir):
+    config = _config_file(tmp_path, data_dir, "tidy", steps=6)
+    run = tmp_path / "tidy"
+    train(load_config(str(config), ["run.checkpoint_every=1", "run.keep_last=2"]), progress=False)
+    leftovers = [run / "checkpoints" / ".tmp-step_00000007-123-abcdef12", run / ".tmp-best-123-abcdef12"]
+    for path in leftovers:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+    train(load_config(str(config), ["run.steps=8", "run.checkpoint_every=1", "run.keep_last=2"]), resume=True,
+          progress=False)
+    assert not any(path.exists() for path in leftovers)
+    assert [p.name for p in step_checkpoints(run)] == ["step_00000007", "step_00000008"]
 
 
 def test_early_stopping_when_validation_stops_improving(tmp_path, data_dir):

@@ -92,7 +92,7 @@ class RunConfig:
     eval_every: int = 200
     #: checkpoint every N steps (0: only at the end)
     checkpoint_every: int = 500
-    #: keep the newest K step checkpoints
+    #: keep the newest K step checkpoints (while training one more, until the newest has given a finite loss)
     keep_last: int = 3
     #: stop after this many validations without a new best loss (0: never; "until it stops improving")
     patience: int = 0

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,6 +438,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
         run_lock = lock_run_dir(run_dir)
         if run_lock is not None:
             held.enter_context(run_lock)
+            # with the lock held, temporary folders are a killed writer's leftovers, never complete checkpoints
+            for leftover in [*run_dir.glob(".tmp-best-*"), *run_dir.glob("checkpoints/.tmp-step_*")]:
+                shutil.rmtree(leftover, ignore_errors=True)
     existing = latest_checkpoint(run_dir)
     ckpt_meta = None
     if resume:
@@ -508,11 +512,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
 
     def save(step: int, valid_loss: float | None) -> Path:
         # All ranks take part (RNG gather, FSDP state gather); rank 0 writes.
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-        if not finite:
-            where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-            raise UserError(f"training diverged: the weights are not finite at step {step}{where} "
-                            "(lower optim.lr or raise schedule.warmup_steps)")
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # every loss up to this step was finite, so the newest checkpoint's weights are good
+            raise diverged(f"the weights are not finite at step {step}", step + 1)
         rng = _rng_tensors(info)
         opt_flat, opt_groups = _optimizer_tensors(optimizer, model, cfg.run.parallel)
         state = _full_model_state(model, cfg.run.parallel)
@@ -524,9 +526,23 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
                                      "bad_evals": bad_evals, "tokens_seen": tokens_seen, "data_cursor": step}}
             write_checkpoint(path, state=state, config=inner.cfg, train_len=length, tokenizer=tokenizer,
                              extra_meta=extra, tensors={"optimizer": opt_flat, "train_state": rng})
-            prune_checkpoints(run_dir, cfg.run.keep_last)
+            # the new checkpoint's weights have not produced a loss yet: the one before stays until they do
+            prune_checkpoints(run_dir, cfg.run.keep_last + 1 if cfg.run.keep_last else 0)
         D.barrier()
         return path
+
+    def diverged(what: str, first_bad_step: int) -> UserError:
+        """The error that stops a diverged run. A checkpoint's weights are known good once the step after
+        it gave a finite loss; if that step was the first bad one, the newest checkpoint is moved aside
+        (kept, renamed) so that --resume and evaluate do not pick it up."""
+        good = last_ckpt
+        if last_ckpt is not None and last_ckpt_step + 1 >= first_bad_step:
+            if info.is_main:
+                last_ckpt.rename(last_ckpt.with_name(f"diverged-{last_ckpt.name}"))
+            older = [p for p in step_checkpoints(run_dir) if p != last_ckpt]
+            good = older[-1] if older else None
+        where = f"; the last good checkpoint is {good}" if good else "; no good checkpoint was written"
+        return UserError(f"training diverged: {what}{where} (lower optim.lr or raise schedule.warmup_steps)")
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not (progress and info.is_main), unit="step",
                dynamic_ncols=True)
@@ -536,6 +552,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     best_path = run_dir / "best" if (cfg.run.keep_best and (run_dir / "best").is_dir()) else None
     stopped_early = False
     last_ckpt = existing if resume else None
+    last_ckpt_step = start_step
     interval_start, interval_tokens = time.perf_counter(), 0
     timed_tokens, timed_seconds, first_interval, first_tok_s = 0, 0.0, True, 0.0
     step = start_step
@@ -566,9 +583,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
                 first_tok_s = tok_s
             first_interval = False
             if not all(math.isfinite(x) for x in losses_avg):
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-                raise UserError(f"training diverged: the loss is {losses_avg[-1]} at step {step}{where} "
-                                "(lower optim.lr or raise schedule.warmup_steps)")
+                first_bad = step - len(losses_avg) + 1 + [math.isfinite(x) for x in losses_avg].index(False)
+                raise diverged(f"the loss is {losses_avg[-1]} at step {step}", first_bad)
             last_loss = losses_avg[-1]
             mfu = tok_s * fpt / (peak * world) if peak else None
             record = {"step": step, "loss": last_loss, "loss_avg": sum(losses_avg) / len(losses_avg), "lr": lr,
@@ -607,7 +623,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
                     bar.write(f"step {step}: valid loss {valid_loss:.4f}, ppl {record['valid_ppl']:.2f}{word}")
             metrics.write(record)
             if do_ckpt:
-                last_ckpt = save(step, final_valid if do_eval else None)
+                last_ckpt, last_ckpt_step = save(step, final_valid if do_eval else None), step
             interval_start, interval_tokens = time.perf_counter(), 0
             if stopped_early:
                 break
@@ -615,6 +631,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     bar.close()
     if last_ckpt is None or step_directory(run_dir, step) != last_ckpt:
         last_ckpt = save(step, final_valid)  # e.g. resumed at the final step
+    if info.is_main and (final_valid is None or math.isfinite(final_valid)):
+        prune_checkpoints(run_dir, cfg.run.keep_last)  # the final weights were validated above
     tokens_per_second = timed_tokens / timed_seconds if timed_seconds else first_tok_s
     return TrainResult(run_dir=run_dir, checkpoint=last_ckpt, final_valid_loss=final_valid,
                        tokens_per_second=tokens_per_second, peak_memory_bytes=_peak_memory(device), steps=step,
