@@ -179,6 +179,17 @@ def test_divergence_after_a_resume_names_a_checkpoint_that_still_trains(tmp_path
     assert [p.name for p in (tmp_path / "late" / "checkpoints").glob("diverged-*")] == ["diverged-step_00000006"]
 
 
+def test_resume_names_the_settings_that_changed_since_the_checkpoint(tmp_path, data_dir, capsys):
+    config = _config_file(tmp_path, data_dir, "notes", steps=3)
+    train(load_config(str(config)), progress=False)
+    capsys.readouterr()
+    train(load_config(str(config), ["run.steps=4", "run.log_every=2"]), resume=True, progress=False)
+    assert capsys.readouterr().err.count("note:") == 1  # run.steps changes the schedule; log_every nothing
+    train(load_config(str(config), ["run.steps=5", "optim.lr=1e-3", "run.log_every=2"]), resume=True, progress=False)
+    (note,) = capsys.readouterr().err.strip().splitlines()
+    assert "optim.lr 0.003 -> 0.001" in note and "run.steps 4 -> 5" in note and "log_every" not in note
+
+
 def test_a_killed_writers_temporary_folders_are_cleared_and_keep_last_holds_at_the_end(tmp_path, data_dir):
     config = _config_file(tmp_path, data_dir, "tidy", steps=6)
     run = tmp_path / "tidy"

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,6 +313,23 @@ def _intact_hint(run_dir: Path, broken: Path) -> str:
     return ""
 
 
+# settings that change the losses of the steps after a resume (the rest only change what is logged or kept)
+_CONTINUATION_SETTINGS = ("data", "optim", "schedule", "run.steps", "run.seed", "run.precision")
+
+
+def _changed_training_settings(saved: dict, cfg: TrainConfig) -> str:
+    """'section.key old -> new' for each setting in _CONTINUATION_SETTINGS that differs from the checkpoint's."""
+    now = cfg.to_dict()
+    changes = []
+    for name in _CONTINUATION_SETTINGS:
+        section, _, key = name.partition(".")
+        old, new = saved.get(section, {}), now.get(section, {})
+        for k in ([key] if key else sorted(set(old) | set(new))):
+            if k in old and old[k] != new.get(k):
+                changes.append(f"{section}.{k} {old[k]!r} -> {new.get(k)!r}")
+    return ", ".join(changes)
+
+
 def _check_same_model(saved: dict, current: ModelConfig, path: Path) -> None:
     now = current.to_dict()
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
@@ -454,6 +472,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
             raise UserError(f"cannot resume from {existing}: it holds model weights only, no optimizer and data "
                             "state; start a new run.out_dir (or evaluate it as it is)")
         _check_same_model(ckpt_meta["model"], cfg.model, existing)
+        if info.is_main and (changed := _changed_training_settings(ckpt_meta.get("train_config", {}), cfg)):
+            print(f"alibi-lm train: note: resuming {existing.name} with other settings than it was trained with "
+                  f"({changed}); the losses from here on differ from those of an unbroken run", file=sys.stderr)
         if int(ckpt_meta["step"]) >= cfg.run.steps:
             raise UserError(f"nothing to resume: {existing} is at step {ckpt_meta['step']} and run.steps is "
                             f"{cfg.run.steps}; raise run.steps (--set run.steps=N) to train further")
