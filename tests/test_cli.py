@@ -44,6 +44,14 @@ def test_unknown_command_is_a_usage_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_a_missing_argument_is_one_line_naming_the_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "runs/x"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("alibi-lm generate: error:") and "--prompt" in line and "alibi-lm generate --help" in line
+
+
 def test_unwritable_output_is_one_line_and_exit_code_2(tmp_path, capsys):
     from alibi_lm.data import prepare
 
