@@ -1,5 +1,6 @@
 """Two CPU ranks on gloo (torchrun) with batch b give the losses of one process with batch 2b; the
-DDP run resumes; FSDP2 (run.parallel = "fsdp") constructs and trains to the same losses."""
+DDP run resumes; FSDP2 (run.parallel = "fsdp") constructs and trains to the same losses. Every rank
+has stopped gloo's threads when training returns (else one can abort the process as Python exits)."""
 
 import json
 import math
@@ -40,14 +41,43 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# Each rank runs `alibi-lm train` as `python -m alibi_lm` does, then writes down the gloo threads still
+# running (Linux names them in /proc): a group that outlives training keeps them, and a worker freeing a
+# finished collective's tensors while Python finalizes aborts the process (SIGABRT, about one run in 30
+# on 2 busy cores); `distributed.shutdown` destroys the group so that they are joined before that.
+RANK_MAIN = """\
+import json, os, sys
+from alibi_lm.cli import main
+code = main(sys.argv[2:])
+tasks = "/proc/self/task"
+names = []
+for tid in os.listdir(tasks) if os.path.isdir(tasks) else []:
+    try:
+        with open(os.path.join(tasks, tid, "comm")) as f:
+            names.append(f.read().strip())
+    except OSError:
+        pass
+with open(os.path.join(sys.argv[1], "rank%s.json" % os.environ["RANK"]), "w") as f:
+    json.dump(names, f)
+sys.exit(code)
+"""
+
+
 def _torchrun(data_dir, out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "alibi_lm",
-           "train", "--config", "tiny", "--no-progress", "--set", f"data.path={data_dir}",
+    script, threads = out.parent / "rank_main.py", out.parent / f"{out.name}-threads"
+    script.write_text(RANK_MAIN)
+    shutil.rmtree(threads, ignore_errors=True)
+    threads.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(threads), "train", "--config", "tiny", "--no-progress", "--set", f"data.path={data_dir}",
            "--set", f"run.out_dir={out}", "--set", "data.batch_size=4", *[a for s in BASE for a in ("--set", s)],
            *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        left = [n for n in json.loads((threads / f"rank{rank}.json").read_text()) if "gloo" in n]
+        assert not left, f"rank {rank}: gloo threads still running after training: {left}"
     return _metrics(out)
 
 

@@ -10,7 +10,9 @@ and run, and its throughput there means nothing.
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -59,14 +61,38 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
+        # Imported before the group exists: torch.distributed.nn, which DDP and FSDP2 import, has functions
+        # whose default argument `group=group.WORLD` is evaluated on import; imported after it, they would hold
+        # the group until the interpreter exits, and `shutdown` could not stop its threads.
+        import torch.distributed.nn as _dist_nn  # noqa: F401
+
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, and stop its backend's threads now rather than at the interpreter's exit.
+
+    `destroy_process_group` drops torch.distributed's own references to the group only; gloo's worker
+    threads live until the group object goes. A worker frees each collective it ran a moment after the
+    caller's wait has returned (and a barrier frees the works it waited for when it goes itself); where
+    such a work holds the last reference to a tensor that Python code has already dropped, freeing it
+    takes the GIL. While Python finalizes, that ends the thread inside a C++ destructor: std::terminate,
+    SIGABRT, "terminate called without an active exception". So the references that would keep the
+    group alive are dropped here, and its destructor, which releases the GIL and joins the workers after
+    they have freed their last works, runs now."""
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    mesh_module = sys.modules.get("torch.distributed.device_mesh")
+    if mesh_module is not None:
+        # FSDP2's device meshes hold the group (in `_pg_registry`), and DTensor's sharding and
+        # redistribution caches hold the meshes for the life of the process.
+        for obj in gc.get_objects():
+            if isinstance(obj, mesh_module.DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+                obj._pg_registry.clear()
+    gc.collect()  # the wrapped model's reference cycles (DDP's or FSDP2's hooks and state) hold it too
 
 
 def barrier() -> None:
