@@ -32,8 +32,8 @@ from alibi_lm.errors import UserError
 from alibi_lm.model import ModelConfig, TransformerLM
 from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["Checkpoint", "latest_checkpoint", "load_checkpoint", "prune_checkpoints", "read_checkpoint_meta",
-           "replace_dir", "save_model_checkpoint", "unwrap_model", "write_json"]
+__all__ = ["Checkpoint", "clear_partial_writes", "latest_checkpoint", "load_checkpoint", "prune_checkpoints",
+           "read_checkpoint_meta", "replace_dir", "save_model_checkpoint", "unwrap_model", "write_json"]
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -129,6 +129,17 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# a checkpoint being written, in the folder that will hold it; renamed into place once complete
+_PARTIAL_PREFIX = ".tmp-"
+
+
+def clear_partial_writes(directory: str | Path) -> None:
+    """Remove the unfinished checkpoint folders of writers that were killed. Only for a directory no
+    other process is writing to (a locked run), since a live writer's folder looks the same."""
+    for partial in Path(directory).glob(f"{_PARTIAL_PREFIX}*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def write_checkpoint(directory: str | Path, *, state: dict[str, torch.Tensor], config: ModelConfig, train_len: int,
                      tokenizer: Tokenizer | None = None, extra_meta: dict | None = None,
                      tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
@@ -139,7 +150,7 @@ def write_checkpoint(directory: str | Path, *, state: dict[str, torch.Tensor], c
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".tmp-{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = directory.parent / f"{_PARTIAL_PREFIX}{directory.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         files = {MODEL_FILE: state}

@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from torch import nn
 
 from alibi_lm import distributed as D
 from alibi_lm.checkpoint import (
+    clear_partial_writes,
     latest_checkpoint,
     load_model_state,
     load_tensors,
@@ -324,7 +324,7 @@ def _changed_training_settings(saved: dict, cfg: TrainConfig) -> str:
     for name in _CONTINUATION_SETTINGS:
         section, _, key = name.partition(".")
         old, new = saved.get(section, {}), now.get(section, {})
-        for k in ([key] if key else sorted(set(old) | set(new))):
+        for k in ([key] if key else sorted(old)):
             if k in old and old[k] != new.get(k):
                 changes.append(f"{section}.{k} {old[k]!r} -> {new.get(k)!r}")
     return ", ".join(changes)
@@ -456,9 +456,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
         run_lock = lock_run_dir(run_dir)
         if run_lock is not None:
             held.enter_context(run_lock)
-            # with the lock held, temporary folders are a killed writer's leftovers, never complete checkpoints
-            for leftover in [*run_dir.glob(".tmp-best-*"), *run_dir.glob("checkpoints/.tmp-step_*")]:
-                shutil.rmtree(leftover, ignore_errors=True)
+            # with the lock held, unfinished checkpoint folders are a killed writer's (best/ and step_*)
+            clear_partial_writes(run_dir)
+            clear_partial_writes(run_dir / "checkpoints")
     existing = latest_checkpoint(run_dir)
     ckpt_meta = None
     if resume:
@@ -557,7 +557,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
         it gave a finite loss; if that step was the first bad one, the newest checkpoint is moved aside
         (kept, renamed) so that --resume and evaluate do not pick it up."""
         good = last_ckpt
-        if last_ckpt is not None and last_ckpt_step + 1 >= first_bad_step:
+        if last_ckpt is not None and last_ckpt == step_directory(run_dir, first_bad_step - 1):
             if info.is_main:
                 last_ckpt.rename(last_ckpt.with_name(f"diverged-{last_ckpt.name}"))
             older = [p for p in step_checkpoints(run_dir) if p != last_ckpt]
@@ -573,7 +573,6 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     best_path = run_dir / "best" if (cfg.run.keep_best and (run_dir / "best").is_dir()) else None
     stopped_early = False
     last_ckpt = existing if resume else None
-    last_ckpt_step = start_step
     interval_start, interval_tokens = time.perf_counter(), 0
     timed_tokens, timed_seconds, first_interval, first_tok_s = 0, 0.0, True, 0.0
     step = start_step
@@ -644,7 +643,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
                     bar.write(f"step {step}: valid loss {valid_loss:.4f}, ppl {record['valid_ppl']:.2f}{word}")
             metrics.write(record)
             if do_ckpt:
-                last_ckpt, last_ckpt_step = save(step, final_valid if do_eval else None), step
+                last_ckpt = save(step, final_valid if do_eval else None)
             interval_start, interval_tokens = time.perf_counter(), 0
             if stopped_early:
                 break
