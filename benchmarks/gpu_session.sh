@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call per part: the GPU checks and measurements of a session, each part sized to fit the
 # device tool's 10-minute limit, everything written under $OUT (the wt2 part needs the checkout's
-# .data/wt2-word carried along). Usage: bash benchmarks/gpu_session.sh kernel|peers|train|wt2
+# .data/wt2-word carried along). Usage: bash benchmarks/gpu_session.sh kernel|peers|train|study|wt2
 #   kernel  GPU tests of the kernels (descriptor forward, the default; then the pointer forward and the
 #           descriptor-vs-pointer forward tests) and of the HF interop, then
 #           benchmarks/attention_quick.py with the per-kernel profile of every variant     (~9 min)
@@ -10,6 +10,9 @@
 #   train   benchmarks/launch_overhead.py (host time per attention call, with the Python profile of
 #           the launch path), then benchmarks/train.py: GPT-2-small positions and the short-vs-long
 #           claim, with profiles, in the default compile mode and with CUDA graphs     (~7 min)
+#   study   benchmarks/launch_overhead.py (host time per call, Python profile of the launch path), then
+#           benchmarks/backward_study.py: our backward kernels over a config sweep with their
+#           registers and spills, against Flex's backward, compiled sources kept      (~6 min)
 #   wt2     the WikiText-2 results whose JSON files were lost in a device reply (RESULTS.md has their
 #           numbers from the logs): `none` at equal budget, alibi and sinusoidal with the 2800-step
 #           schedule and early stopping, so that every plot has every run               (~7 min)
@@ -52,6 +55,15 @@ train)
     grep -A10 "^| suite" "$OUT/tb-graphs/train_bench.md"; grep -E "^#### |^wall" "$OUT/tb-graphs/train_bench.md"
     tail -3 "$OUT/tb-graphs.log"
     ;;
+study)
+    timeout 90 python benchmarks/launch_overhead.py --out "$OUT/lo" > "$OUT/lo.log" 2>&1
+    head -14 "$OUT/lo.log"
+    timeout 420 python benchmarks/backward_study.py --out "$OUT/bs" > "$OUT/bs.log" 2>&1
+    head -80 "$OUT/bs/backward-study.md"; tail -3 "$OUT/bs.log"
+    # the reply takes 16 MiB a file: keep the compiled kernels' TTGIR, PTX and metadata, Inductor's code
+    find "$OUT/bs/triton-cache" -type f ! -name "*.ttgir" ! -name "*.ptx" ! -name "*.json" -delete
+    find "$OUT/bs/inductor-cache" -type f ! -name "*.py" -delete
+    ;;
 wt2)
     # results JSON lost in the device's replies of 2026-11-25 (the runs' logs are in results/wt2/)
     python benchmarks/reproduce_wt2.py --data .data/wt2-word --out "$OUT/equal-budget" --work-dir /tmp/wt2 \
@@ -64,7 +76,7 @@ wt2)
     grep '^==' "$OUT/wt2-longer.log" | tail -4
     ;;
 *)
-    echo "usage: $0 kernel|peers|train|wt2" >&2
+    echo "usage: $0 kernel|peers|train|study|wt2" >&2
     exit 2
     ;;
 esac

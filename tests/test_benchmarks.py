@@ -56,6 +56,19 @@ def test_launch_overhead_times_every_layer_and_profiles_the_python_path(tmp_path
     assert "function calls" in (tmp_path / "launch_overhead_python_profile.txt").read_text()
 
 
+def test_backward_study_sweeps_both_kernels_and_keeps_their_gradients(tmp_path: Path) -> None:
+    _run("backward_study.py", "--out", tmp_path, "--cpu-smoke")
+    (result,) = json.loads((tmp_path / "backward-study.json").read_text())["results"]
+    for name in ("_dkdv", "_dq"):
+        rows = result["sweeps"][name]
+        assert len({tuple(row["config"]) for row in rows}) == len(rows) >= 2, rows
+        # every config computes the default configs' gradients, up to the order of fp32 additions
+        assert all(row["backward_ms"] > 0 and row["max_abs_diff"] < 1e-2 for row in rows), rows
+    assert result["bias_cost"]["with_slopes_ms"] > 0 and result["bias_cost"]["without_slopes_ms"] > 0
+    assert result["profiles"]["ours"]["fwdbwd_ms"] > 0
+    assert "`_dkdv` swept" in (tmp_path / "backward-study.md").read_text()
+
+
 def test_eval_memory_evaluates_every_length(tmp_path: Path) -> None:
     _run("eval_memory.py", "--out", tmp_path, "--cpu-smoke")
     rows = json.loads((tmp_path / "eval-memory.json").read_text())["rows"]

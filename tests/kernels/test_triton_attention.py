@@ -6,6 +6,7 @@ shapes; the `gpu` tests compile the kernels for real on larger ones.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 
@@ -146,6 +147,16 @@ def test_random_shapes(q_len: int, extra_keys: int, kv_heads: int, group: int, h
     case = Case(1, kv_heads * group, kv_heads, q_len, q_len + extra_keys, head_dim, causal=causal,
                 q_offset=extra_keys, slopes=slopes, dtype=dtype)
     check(case, triton_attention, device=DEVICE)
+
+
+@pytest.mark.parametrize("name", ["_fwd_kernel", "_dkdv_kernel", "_dq_kernel"])
+def test_head_dim_is_a_compile_time_constant(name: str) -> None:
+    """A run-time D turned the choice between plain and masked tile loads into a branch inside the loops,
+    which Triton does not software-pipeline: on the H100 the backward's main loops loaded every tile
+    synchronously and ran 1.2-1.6x slower (benchmarks/NOTES-kernel.md)."""
+    source = getattr(kernel_module, name).fn  # the Python function, compiled or interpreted
+    annotations = {n: str(p.annotation) for n, p in inspect.signature(source).parameters.items()}
+    assert "constexpr" in annotations["D"] and "constexpr" in annotations["BLOCK_D"]
 
 
 def test_dispatcher_routes_to_kernel() -> None:

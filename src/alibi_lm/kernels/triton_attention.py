@@ -38,6 +38,11 @@ _AUTOTUNE = os.environ.get("ALIBI_TRITON_AUTOTUNE", "1") != "0"
 # ALIBI_TRITON_TMA=0 keeps the pointer loads (they also serve older GPUs and tensors the copy engine
 # cannot address). The backward kernels keep pointer loads: with descriptors they measured 2-4% slower.
 USE_TMA = os.environ.get("ALIBI_TRITON_TMA", "1") != "0"
+# The head dim D is a compile-time constant of every kernel (one binary per head dim, as BLOCK_D already
+# forced). As a run-time argument, the `BLOCK_D == D` choice between plain and masked loads became a
+# branch inside the key/query loops, and Triton does not software-pipeline loads under a branch: on the
+# H100 the main loops of both backward kernels then loaded every tile synchronously (their TTGIR showed
+# no async copies there, only in the masked diagonal loops).
 # Queries at most this many (and no gradient wanted) take the split-K decoding kernel.
 DECODE_MAX_QUERIES = 16
 
@@ -67,8 +72,10 @@ def _tma_block_shapes(nargs: dict) -> None:
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
                         (32, 16), pre_hook=_tma_block_shapes)
 # The dK/dV kernel keeps a key tile resident and streams queries; the dQ kernel the reverse.
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 16))
+# Measured per config with benchmarks/backward_study.py (H100, L = 8192, 2026-11-25): the first entries were
+# the fastest or within 3% of it at D = 64 and 128; 4-warp tiles of 128 keys spill at D = 128 (4-5x slower).
+_DKDV_CONFIGS = _configs([(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (16, 32))
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4), (128, 32, 4, 3)], (32, 16))
 # D = 256: the tiles above overflow the 227 KiB of shared memory (and the fp32 accumulators the
 # registers), so wide heads get their own short lists with narrow tiles and shallow pipelines.
 _FWD_WIDE = _configs([(64, 32, 4, 2), (64, 64, 8, 2)], (32, 16), pre_hook=_tma_block_shapes)
@@ -121,8 +128,8 @@ def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constex
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d,
-               Lk, D, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
-               USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               Lk, D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
+               MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
@@ -162,7 +169,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo,
 @triton.jit
 def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                H, GROUP, Lq, Lk, q_offset, qk_scale, D, LQ_BUCKET, LK_BUCKET,
+                H, GROUP, Lq, Lk, q_offset, qk_scale, D: tl.constexpr, LQ_BUCKET, LK_BUCKET,
                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """With USE_TMA the tiles move through Qd, Kd, Vd, Od, tensor descriptors of the (B, H, L, D) tensors
@@ -215,7 +222,7 @@ def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
                  mask=m_ok[:, None] & d_ok[None, :])
 
 
-_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "CAUSAL", "HAS_SLOPES"]
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "D", "CAUSAL", "HAS_SLOPES"]
 _fwd = triton.autotune(_FWD_CONFIGS, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
 _fwd_wide = triton.autotune(_FWD_WIDE, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
 
@@ -225,7 +232,7 @@ _fwd_wide = triton.autotune(_FWD_WIDE, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
 
 
 @triton.jit
-def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
+def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta_i = sum_d dO_id * O_id, the row term of the softmax gradient."""
     bh = tl.program_id(1)
@@ -240,9 +247,9 @@ def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset, D,
-                qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset,
+                D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi)."""
     d_ok = offs_d < D
     for start_m in range(lo, hi, BLOCK_M):
@@ -288,7 +295,7 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_
 def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                 H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
+                 H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D: tl.constexpr, LQ_BUCKET, LK_BUCKET,
                  CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
@@ -339,9 +346,9 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
 
 
 @triton.jit
-def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk, D, qk_scale,
-              slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
-              MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk,
+              D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
+              NEED_DSLOPES: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
@@ -385,7 +392,7 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, 
 @triton.jit
 def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-               H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D, LQ_BUCKET, LK_BUCKET,
+               H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D: tl.constexpr, LQ_BUCKET, LK_BUCKET,
                CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
