@@ -457,8 +457,9 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _strides(t: Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(t: Tensor) -> tuple[int, ...]:
+    # one stride() call, not three: the launchers pass 13 tensors' strides per backward, on the host path
+    return t.stride()[:3]
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
