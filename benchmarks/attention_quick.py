@@ -52,7 +52,7 @@ import triton  # noqa: E402
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
 from alibi_lm.kernels.reference import attention_reference  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
-from kernel_profile import breakdown  # noqa: E402
+from kernel_profile import breakdown, median_ms  # noqa: E402
 from kernel_profile import markdown as profile_markdown  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
@@ -65,13 +65,7 @@ def _log(msg: str) -> None:
 
 
 def _median_ms(fn, grad_to_none=None) -> float:
-    if ARGS.cpu_smoke:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    return median_ms(fn, smoke=ARGS.cpu_smoke, grad_to_none=grad_to_none)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:

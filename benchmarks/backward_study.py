@@ -8,15 +8,16 @@ run-time branch on the head dim (fixed the same night; benchmarks/NOTES-kernel.m
 For each head dim (bf16, causal, the paper's slopes):
 
   sweep    each of our backward kernels over a wide list of (BLOCK_M, BLOCK_N, warps, stages), the
-           other kernel held at its default: the backward's median time (do_bench), each kernel's own
-           time (torch.profiler) and its compiled resources (registers, spills, shared memory)
+           other kernel held at its default: the backward's median time (do_bench) and each kernel's
+           own time (torch.profiler)
   no bias  the default configs again with slopes=None: what the bias costs inside the backward
   flex     torch.profiler over Flex's compiled fwd+bwd (ALiBi score_mod, causal block mask): its
            kernels' times, next to ours through the autotuner
 
 Every Triton kernel compiled by the run (ours and Flex's) is kept with its TTGIR and PTX under
 OUT/triton-cache, and Inductor's generated code under OUT/inductor-cache, so the two can be diffed
-offline. The resource report reads registers and spills from the loaded binaries.
+offline. The resource report (registers, spills, shared memory of every compiled binary, ours and
+Flex's, by name) reads them from the loaded binaries.
 
     PYTHONPATH=src python benchmarks/backward_study.py --out OUT
     PYTHONPATH=src python benchmarks/backward_study.py --out OUT --cpu-smoke   # interpreter, tiny; checks the script
@@ -57,7 +58,7 @@ import triton  # noqa: E402
 
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
-from kernel_profile import breakdown  # noqa: E402
+from kernel_profile import breakdown, median_ms  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
 DTYPE = torch.bfloat16
@@ -81,13 +82,7 @@ def _log(msg: str) -> None:
 
 
 def _median_ms(fn) -> float:
-    if ARGS.cpu_smoke:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return median_ms(fn, smoke=ARGS.cpu_smoke)
 
 
 def _pinned(autotuner, config: tuple[int, int, int, int]) -> None:
@@ -95,25 +90,6 @@ def _pinned(autotuner, config: tuple[int, int, int, int]) -> None:
     m, n, w, s = config
     autotuner.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)]
     autotuner.cache.clear()
-
-
-def _resources(jit_fn) -> list[dict]:
-    """Registers, spills and shared memory of every binary compiled so far for a Triton kernel."""
-    out = []
-    for entry in getattr(jit_fn, "device_caches", {}).values():
-        cache = entry[0] if isinstance(entry, tuple) else entry
-        for kernel in list(cache.values()):
-            init = getattr(kernel, "_init_handles", None)
-            if init is not None:
-                try:
-                    init()
-                except Exception:  # the interpreter's kernels have no binary
-                    pass
-            meta = getattr(kernel, "metadata", None)
-            out.append({"n_regs": getattr(kernel, "n_regs", None), "n_spills": getattr(kernel, "n_spills", None),
-                        "shared": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
-                        "num_stages": getattr(meta, "num_stages", None)})
-    return out
 
 
 def _kernel_ms(profile: dict, fragment: str) -> float | None:
@@ -163,10 +139,6 @@ def sweep_head_dim(D: int, L: int) -> dict:
             rows.append(row)
             _log(f"D={D} {name} {config}: {row}")
         result["sweeps"][name] = rows
-        result[f"resources{name}"] = _resources(getattr(ta, f"{name}_kernel"))
-    for name, configs in saved.items():
-        getattr(ta, name).configs = configs
-        getattr(ta, name).cache.clear()
 
     _pinned(ta._dkdv, defaults["_dkdv"])
     _pinned(ta._dq, defaults["_dq"])
@@ -184,12 +156,11 @@ def profile_fwd_bwd(D: int, L: int) -> dict:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     methods = {"ours": lambda: ta.triton_attention(q, k, v, slopes=slopes, causal=True)}
     if not (ARGS.cpu_smoke or ARGS.no_flex):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
 
-        def alibi(score, b, h, q_idx, kv_idx):
-            return score - slopes[h] * (q_idx - kv_idx)
+        from attention import _flex_alibi  # the all-peers table's Flex: compiled, ALiBi score_mod
 
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex, alibi = _flex_alibi(slopes)
         mask = create_block_mask(lambda b, h, qi, kj: qi >= kj, None, None, L, L, device=q.device)
         methods["flex_alibi"] = lambda: flex(q, k, v, score_mod=alibi, block_mask=mask)
         methods["flex_no_bias"] = lambda: flex(q, k, v, block_mask=mask)

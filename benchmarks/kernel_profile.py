@@ -1,6 +1,7 @@
 """Where the time of a repeated GPU workload goes: torch.profiler's kernel times, per call, grouped.
 
-Shared by benchmarks/train.py (--profile) and benchmarks/attention_quick.py (--profile). The groups
+Shared by benchmarks/train.py (--profile), benchmarks/attention_quick.py (--profile) and
+benchmarks/backward_study.py, with `median_ms`, the timer of the kernel scripts. The groups
 answer the questions the throughput targets raise: how much of a training step is attention (ours or
 SDPA's), matmuls, fused elementwise kernels, the optimizer; and how much of the wall time the GPU
 sits idle (launch-bound work shows as a low busy fraction). On a machine without CUDA the CPU self
@@ -30,6 +31,18 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("fused (inductor)", ("triton_",)),
     ("copies", ("memcpy", "memset", "copy_", "aten::to", "aten::_to_copy")),
 ]
+
+
+def median_ms(fn: Callable[[], object], *, smoke: bool, grad_to_none: list | None = None) -> float:
+    """Median milliseconds per call from triton.testing.do_bench (device events); in a script's CPU smoke
+    mode (the Triton interpreter) one call's wall time, which only shows that the path runs."""
+    if smoke:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
 
 
 def group_of(name: str) -> str:
