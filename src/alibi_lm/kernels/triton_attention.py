@@ -106,17 +106,29 @@ def _bias_positions(pos_q, Lk):
 
 
 @triton.jit
-def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
-    """Scaled scores plus bias of one tile, log2 domain: rows are queries, columns keys."""
+def _row_term(pos_b, anchor, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
+    """The per-query part of the causal bias that `_scores` leaves out, slope * (pos_b - anchor).
+
+    The causal bias -slope * (pos_b - pos_k) is a key term slope * (pos_k - anchor) minus this query
+    term, for any per-program anchor. A per-row constant changes no softmax, so the kernels add only the
+    key term to each score (a single fma with the scale) and account for the query term once per row:
+    the forward subtracts it from the log-sum-exp it stores, the dQ kernel adds it to the log-sum-exp
+    it subtracts (on the H100: forward 3-10% and dQ 0-6% faster). Anchored at the program's first query,
+    both terms are small numbers wherever a probability is not negligible, so they stay as exact as the
+    distance itself."""
+    if CAUSAL and HAS_SLOPES:
+        return slope_l2 * (pos_b - anchor)
+    return tl.zeros_like(pos_b)
+
+
+@triton.jit
+def _scores(q, kT, pos_b, pos_k, anchor, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
+    """Scaled scores plus bias of one tile, log2 domain: rows are queries, columns keys. Causal scores
+    lack the query term `_row_term(pos_b, anchor, ...)`, which the caller accounts for per row."""
     qk = _dot(q, kT)
     if HAS_SLOPES:
         if CAUSAL:
-            # -slope * (pos_b - pos_k) split into a row and a column term around the tile's first key:
-            # one fma and one add per score instead of a subtract, a multiply and an fma, and both
-            # terms stay as exact as the distance itself (small integers times the slope)
-            row = slope_l2 * (pos_b - start_n)
-            col = slope_l2 * (pos_k - start_n)
-            return qk * qk_scale + col[None, :] - row[:, None]
+            return qk * qk_scale + (slope_l2 * (pos_k - anchor))[None, :]
         dist = tl.abs(pos_b[:, None] - pos_k[None, :])
         return qk * qk_scale - slope_l2 * dist
     return qk * qk_scale
@@ -127,8 +139,8 @@ def _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL: tl.constex
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, offs_n, offs_d,
-               Lk, D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
+def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, anchor, offs_n,
+               offs_d, Lk, D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
                MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
@@ -150,7 +162,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo,
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        s = _scores(q, kT, pos_b, pos_k, anchor, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
         if MASKED:
             ok = (offs_k < Lk)[None, :]
             if CAUSAL:
@@ -196,6 +208,7 @@ def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
         slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
     pos_q = (q_offset + offs_m).to(tl.float32)
     pos_b = _bias_positions(q_offset + offs_m, Lk)
+    anchor = _bias_positions(q_offset + start_m, Lk)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -206,14 +219,15 @@ def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
     if CAUSAL:
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, 0, full_end, pos_q, pos_b, offs_n,
-                               offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, USE_TMA, BLOCK_N,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, 0, full_end, pos_q, pos_b, anchor,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, USE_TMA, BLOCK_N,
                                BLOCK_D)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, full_end, hi, pos_q, pos_b, offs_n,
-                               offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, USE_TMA, BLOCK_N,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, full_end, hi, pos_q, pos_b, anchor,
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, USE_TMA, BLOCK_N,
                                BLOCK_D)
     acc = acc / l_i[:, None]
-    tl.store(LSE + bh * Lq + offs_m, m_i + tl.math.log2(l_i), mask=m_ok)
+    lse = m_i + tl.math.log2(l_i) - _row_term(pos_b, anchor, slope_l2, CAUSAL, HAS_SLOPES)
+    tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
     if USE_TMA:
         # the copy engine drops the rows past Lq (and columns past D) of the tile
         Od.store([b, h, start_m, 0], acc.to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
@@ -275,6 +289,7 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_
             lse = tl.load(LSE + rows)
             delta = tl.load(Delta + rows)
         # transposed tile: keys are rows here, so the bias distance is pos_q - pos_k along columns
+        # (the key/query split of _row_term measured 0-4% slower here than the distance itself, H100)
         sT = _dot(k, qT) * qk_scale
         if HAS_SLOPES:
             dist = pos_b[None, :] - pos_k[:, None]
@@ -346,7 +361,7 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
 
 
 @triton.jit
-def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, offs_n, offs_d, Lk,
+def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, anchor, offs_n, offs_d, Lk,
               D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
               NEED_DSLOPES: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
@@ -365,8 +380,8 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, 
         else:
             kT = tl.load(kT_ptrs, mask=d_ok[:, None], other=0.0)
             vT = tl.load(vT_ptrs, mask=d_ok[:, None], other=0.0)
-        s = _scores(q, kT, pos_b, pos_k, start_n, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
-        p = tl.math.exp2(s - lse[:, None])
+        s = _scores(q, kT, pos_b, pos_k, anchor, qk_scale, slope_l2, CAUSAL, HAS_SLOPES)
+        p = tl.math.exp2(s - lse[:, None])  # lse carries the query term _scores leaves out
         if MASKED:
             ok = (offs_k < Lk)[None, :]
             if CAUSAL:
@@ -416,6 +431,8 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
     pos_q = (q_offset + offs_m).to(tl.float32)
     pos_b = _bias_positions(q_offset + offs_m, Lk)
+    anchor = _bias_positions(q_offset + start_m, Lk)
+    lse += _row_term(pos_b, anchor, slope_l2, CAUSAL, HAS_SLOPES)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     sx = tl.zeros([BLOCK_M], tl.float32)
     sy = tl.zeros([BLOCK_M], tl.float32)
@@ -426,10 +443,10 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
         full_end = tl.minimum(full_end, ((q_offset + start_m + 1) // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(Lk, q_offset + start_m + BLOCK_M)
     dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, 0, full_end, pos_q, pos_b,
-                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               anchor, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
                                False, BLOCK_N, BLOCK_D)
     dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, full_end, hi, pos_q, pos_b,
-                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
+                               anchor, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
                                True, BLOCK_N, BLOCK_D)
     tl.store(dQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=mask)
