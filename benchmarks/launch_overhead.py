@@ -19,6 +19,7 @@ calls with one synchronisation at the end:
   fwd+bwd            forward and backward through autograd
   compiled           the same fwd+bwd inside torch.compile (what a compiled model does per layer)
   sdpa               SDPA fwd+bwd, the reference for a lean launch path
+  decode             one token over a 1k cache (B=1, H=16, D=128) through triton_attention; SDPA without bias
 
 Then Python's own profiler (cProfile) over the forward launcher, the backward launcher and the eager
 forward+backward: the functions that take the host's time, by their own time per call, which names
@@ -131,6 +132,11 @@ def main() -> None:
     fixed = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
     forward_launcher = lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=False)  # noqa: E731
     backward_launcher = lambda: ta._backward(do, q, k, v, o, lse, sl, True, 0, scale, False)  # noqa: E731
+    # one new token over a 1k cache (H = 16, D = 128): a few microseconds of GPU work, so host time
+    Hd, Dd, cache = (2, 16, 40) if ARGS.cpu_smoke else (16, 128, 1024)
+    qd = torch.randn(1, Hd, 1, Dd, device=DEV, dtype=torch.bfloat16)
+    kd, vd = (torch.randn(1, Hd, cache, Dd, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    sld = alibi_slopes(Hd).to(DEV)
     rows: dict[str, Callable[[], object]] = {
         "two allocations": lambda: (torch.empty_like(q), torch.empty((B, H, L), device=DEV)),
         "four descriptors": lambda: [ta._descriptor(t) for t in (q, k, v, o)],
@@ -144,6 +150,8 @@ def main() -> None:
         "bwd custom op": lambda: torch.ops.alibi_lm.flash_attention_bwd(do, q, k, v, o, lse, sl, True, 0, scale, False),
         "fwd+bwd": fwd_bwd(ours),
         "sdpa fwd+bwd": fwd_bwd(sdpa),
+        "decode, 1 token over 1k": lambda: ta.triton_attention(qd, kd, vd, slopes=sld, q_offset=cache - 1),
+        "sdpa decode, no bias": lambda: F.scaled_dot_product_attention(qd, kd, vd),
     }
     if not ARGS.cpu_smoke:
         rows["compiled fwd+bwd"] = fwd_bwd(torch.compile(lambda a, b, c: ours(a, b, c) * 1.0))

@@ -57,6 +57,24 @@ def test_opcheck_decode() -> None:
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_eager_calls_match_the_ops_bitwise() -> None:
+    """Eager calls skip the custom ops (an autograd.Function and a direct decoding call, less host time);
+    the kernels are the same, so outputs and every gradient must be identical, not merely close."""
+    q, k, v, sl, case = _inputs("trainable")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sl)]
+    out = ta.triton_attention(*leaves[:3], slopes=leaves[3], causal=True, q_offset=case.q_offset, scale=0.25)
+    do = torch.randn_like(out)
+    eager_grads = torch.autograd.grad(out, leaves, do)
+    op_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sl)]
+    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25)[0]
+    op_grads = torch.autograd.grad(op_out, op_leaves, do)
+    assert torch.equal(out, op_out)
+    for got, want in zip(eager_grads, op_grads, strict=True):
+        assert torch.equal(got, want)
+    decoded = ta.triton_attention(q[:, :, :2], k, v, slopes=sl, q_offset=11, scale=0.25)
+    assert torch.equal(decoded, torch.ops.alibi_lm.decode_attention(q[:, :, :2], k, v, sl, True, 11, 0.25))
+
+
 def test_compiled_model_matches_eager_without_graph_breaks() -> None:
     """A tiny ALiBi LM on the triton backend: one graph, and the loss and every gradient (trainable
     slopes included) as eager mode computes them."""

@@ -14,6 +14,7 @@ exp2; the saved log-sum-exp is in the same domain.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -22,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+from alibi_lm.kernels.launch import TunedKernel
 
 __all__ = ["HEAD_DIMS", "supports", "triton_attention"]
 
@@ -239,6 +242,7 @@ def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
 _KEY = ["LQ_BUCKET", "LK_BUCKET", "D", "CAUSAL", "HAS_SLOPES"]
 _fwd = triton.autotune(_FWD_CONFIGS, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
 _fwd_wide = triton.autotune(_FWD_WIDE, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
+_FWD_LAUNCH = {False: TunedKernel(_fwd), True: TunedKernel(_fwd_wide)}  # by "wide" (BLOCK_D > 128)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -459,6 +463,8 @@ _dkdv = triton.autotune(_DKDV_CONFIGS, key=_KEY)(_dkdv_kernel)
 _dkdv_wide = triton.autotune(_DKDV_WIDE, key=_KEY)(_dkdv_kernel)
 _dq = triton.autotune(_DQ_CONFIGS, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 _dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
+_DKDV_LAUNCH = {False: TunedKernel(_dkdv), True: TunedKernel(_dkdv_wide)}
+_DQ_LAUNCH = {False: TunedKernel(_dq), True: TunedKernel(_dq_wide)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -483,11 +489,16 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.cache
+def _compute_capability(device_index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _tma_capable(*tensors: Tensor) -> bool:
     """Whether the copy engine can address these (B, H, L, D) tensors: sm_90+ (or the interpreter), a
     16-byte-aligned base, and every stride but the last a positive multiple of 16 bytes (an expanded,
     stride-0 dimension is left to the pointer loads)."""
-    if not (_INTERPRET or (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9)):
+    if not (_INTERPRET or (tensors[0].is_cuda and _compute_capability(tensors[0].device.index)[0] >= 9)):
         return False
     if any(t.numel() == 0 for t in tensors):  # a descriptor needs every dimension positive (an empty batch)
         return False
@@ -510,12 +521,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: boo
     sl = slopes if has_slopes else lse  # any pointer; never read without HAS_SLOPES
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     block_d = _block_d(D)
-    kernel = _fwd if block_d <= 128 else _fwd_wide
     use_tma = (USE_TMA if tma is None else tma) and block_d <= 128 and _tma_capable(q, k, v, o)
     descriptors = [_descriptor(t) for t in (q, k, v, o)] if use_tma else [q, k, v, o]
-    kernel[grid](q, k, v, *descriptors, sl, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                 H, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, D, _bucket(Lq), _bucket(Lk),
-                 CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, BLOCK_D=block_d)
+    buckets = (_bucket(Lq), _bucket(Lk))
+    args = (q, k, v, *descriptors, sl, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            H, H // Hkv, Lq, Lk, q_offset, scale * _LOG2E, D, *buckets)
+    _FWD_LAUNCH[block_d > 128].launch(grid, (q.dtype, D, *buckets, causal, has_slopes, use_tma), args,
+                                      dict(CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, BLOCK_D=block_d))
     return o, lse
 
 
@@ -541,15 +553,16 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     buckets = (_bucket(Lq), _bucket(Lk))
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     wide = block_d > 128
-    kernel = _dkdv_wide if wide else _dkdv
-    kernel[grid_kv](q, k, v, do, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(do), *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale,
-                    scale, D, *buckets, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
+    flags = dict(CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d)
+    key = (q.dtype, D, *buckets, causal, has_slopes)
+    _DKDV_LAUNCH[wide].launch(grid_kv, key, (
+        q, k, v, do, lse, delta, sl, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets), flags)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
-    kernel = _dq_wide if wide else _dq
-    kernel[grid_q](q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                   *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets,
-                   CAUSAL=causal, HAS_SLOPES=has_slopes, NEED_DSLOPES=need_dslopes, BLOCK_D=block_d)
+    _DQ_LAUNCH[wide].launch(grid_q, (*key, need_dslopes), (
+        q, k, v, do, lse, delta, sl, dq, dsl, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets),
+        dict(flags, NEED_DSLOPES=need_dslopes))
     dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
     return dq, dk, dv, dslopes
 
@@ -634,6 +647,27 @@ def _flash_backward(ctx, do: Tensor, _dlse: Tensor | None):
 _flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
+class _EagerFlashAttention(torch.autograd.Function):
+    """The same forward and backward as the custom ops, for eager mode: outside torch.compile nothing
+    needs the ops' opacity, and their dispatch (schema checks, the generated autograd wrapper, a second
+    op for the backward) cost more host time than the kernels' launches of a small shape."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
+                scale: float) -> Tensor:
+        o, lse = _forward(q, k, v, slopes, causal, q_offset, scale)
+        ctx.save_for_backward(q, k, v, o, lse, slopes)
+        ctx.args = (causal, q_offset, scale)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        q, k, v, o, lse, slopes = ctx.saved_tensors
+        need_dslopes = slopes is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dsl = _backward(do, q, k, v, o, lse, slopes, *ctx.args, need_dslopes)
+        return dq, dk, dv, dsl, None, None, None
+
+
 @torch.library.custom_op("alibi_lm::decode_attention", mutates_args=())
 def _decode_op(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], causal: bool, q_offset: int,  # noqa: UP045
                scale: float) -> Tensor:
@@ -681,11 +715,18 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None =
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     wants_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (slopes is not None and slopes.requires_grad))
+    compiling = torch.compiler.is_compiling()
     if not wants_grad and q.shape[2] <= DECODE_MAX_QUERIES:
-        return _decode_op(q, k, v, slopes, causal, q_offset, scale)
+        if compiling:
+            return _decode_op(q, k, v, slopes, causal, q_offset, scale)
+        from alibi_lm.kernels.triton_decode import triton_decode
+
+        return triton_decode(q, k, v, slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
     # the cast is differentiable: autograd brings dslopes back to the slopes' own dtype
     sl32 = None if slopes is None else slopes.to(torch.float32).contiguous()
-    return _flash_fwd_op(q, k, v, sl32, causal, q_offset, scale)[0]
+    if compiling:
+        return _flash_fwd_op(q, k, v, sl32, causal, q_offset, scale)[0]
+    return _EagerFlashAttention.apply(q, k, v, sl32, causal, q_offset, scale)
 
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,

@@ -1,0 +1,76 @@
+"""TunedKernel: the autotuner chooses once per key, later launches skip it and run the chosen config."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from alibi_lm.kernels.launch import TunedKernel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _fill_block_kernel(X, N, SHIFT, BLOCK: tl.constexpr):
+    """Writes BLOCK + SHIFT into every element, so the output names the config that ran."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(X + offs, tl.zeros([BLOCK], tl.float32) + BLOCK + SHIFT, mask=offs < N)
+
+
+class _Timings:
+    """A do_bench stand-in for the autotuner: the later a config is timed, the faster it is, so the
+    last config in the list is chosen; counts how often the autotuner benchmarks."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, kernel_call, quantiles=None):
+        kernel_call()
+        self.calls += 1
+        t = 100.0 - self.calls
+        return [t, t, t] if quantiles else t
+
+
+def _tuned(blocks: list[int], timings: _Timings, pre_hook=None) -> TunedKernel:
+    configs = [triton.Config({"BLOCK": b}, num_warps=1, pre_hook=pre_hook) for b in blocks]
+    return TunedKernel(triton.autotune(configs, key=["N"], do_bench=timings)(_fill_block_kernel))
+
+
+def _launch(kernel: TunedKernel, n: int, shift: float = 0.0) -> torch.Tensor:
+    x = torch.full((n,), -1.0, device=DEVICE)
+    kernel.launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), ("n", n), (x, n, shift), {})
+    return x
+
+
+def test_first_launch_tunes_later_launches_reuse_the_choice() -> None:
+    timings = _Timings()
+    kernel = _tuned([16, 32], timings)
+    assert torch.equal(_launch(kernel, 40), torch.full((40,), 32.0, device=DEVICE))
+    assert timings.calls == 2  # both configs timed once
+    # same key: no benchmarking, the chosen config runs (every element written, ragged tail included)
+    assert torch.equal(_launch(kernel, 40, shift=0.5), torch.full((40,), 32.5, device=DEVICE))
+    assert timings.calls == 2
+    assert kernel.autotuner.best_config.kwargs == {"BLOCK": 32}
+    # a new key is tuned afresh
+    _launch(kernel, 70)
+    assert timings.calls == 4
+
+
+def test_a_new_config_list_makes_the_choice_stale() -> None:
+    timings = _Timings()
+    kernel = _tuned([16, 32], timings)
+    _launch(kernel, 40)
+    # what benchmarks/backward_study.py does to pin one config
+    kernel.autotuner.configs = [triton.Config({"BLOCK": 16}, num_warps=1)]
+    kernel.autotuner.cache.clear()
+    assert torch.equal(_launch(kernel, 40), torch.full((40,), 16.0, device=DEVICE))
+
+
+def test_the_chosen_configs_pre_hook_runs_on_every_launch() -> None:
+    seen: list[tuple[int, int]] = []
+    kernel = _tuned([16, 32], _Timings(), pre_hook=lambda nargs: seen.append((nargs["N"], nargs["BLOCK"])))
+    _launch(kernel, 40)
+    seen.clear()  # the benchmark's calls
+    _launch(kernel, 40)
+    assert seen == [(40, 32)]
