@@ -10,6 +10,7 @@ import pytest
 import torch
 from _attention_check import Case, check, make_inputs
 
+from alibi_lm.kernels import triton_decode as triton_decode_module
 from alibi_lm.kernels.triton_attention import triton_attention
 from alibi_lm.kernels.triton_decode import _split_plan, triton_decode
 
@@ -36,8 +37,20 @@ def test_matches_float64(case: Case) -> None:
 
 def test_split_plan_covers_every_key() -> None:
     for batch_heads, n_keys in [(1, 1), (1, 300), (16, 32_768), (512, 1024), (3, 65)]:
-        per_split, n_split = _split_plan(batch_heads, n_keys, torch.device(DEVICE))
-        assert per_split % 64 == 0 and (n_split - 1) * per_split < n_keys <= n_split * per_split
+        for host_bound in (False, True):
+            per_split, n_split = _split_plan(batch_heads, n_keys, torch.device(DEVICE), host_bound)
+            assert per_split % 64 == 0 and (n_split - 1) * per_split < n_keys <= n_split * per_split
+
+
+def test_host_bound_calls_take_one_pass_over_short_caches_only() -> None:
+    device = torch.device(DEVICE)
+    assert _split_plan(1, 4096, device, host_bound=True) == (4096, 1)
+    assert _split_plan(1, 4096, device, host_bound=False)[1] > 1
+    # a long cache, or many key rows over the batch: GPU-bound, so the usual plan
+    for batch_heads, n_keys in [(1, 8192), (512, 2048)]:
+        plan = _split_plan(batch_heads, n_keys, device, host_bound=False)
+        assert _split_plan(batch_heads, n_keys, device, host_bound=True) == plan
+    assert _split_plan(1, 8192, device)[1] > 1
 
 
 def test_triton_attention_routes_small_queries_here() -> None:
@@ -52,6 +65,38 @@ GPU_CASES = [Case(b, 16, hkv, lq, n, d, q_offset=n - lq, dtype=dt)
              for b, hkv, lq, n, d, dt in [(1, 16, 1, 32_768, 128, bf16), (8, 4, 1, 8192, 128, fp16),
                                           (4, 2, 4, 4097, 64, bf16), (2, 16, 1, 1000, 256, bf16),
                                           (1, 16, 1, 70_000, 64, bf16)]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_graph_capture_splits_and_matches_the_eager_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager, a short cache is read in one pass; captured in a CUDA graph, it is split and merged."""
+    plans: list[int] = []
+
+    def recording_plan(*args):
+        plan = _split_plan(*args)
+        plans.append(plan[1])
+        return plan
+
+    monkeypatch.setattr(triton_decode_module, "_split_plan", recording_plan)
+    case = Case(1, 16, 16, 1, 2048, 128, q_offset=2047, dtype=bf16)
+    q, k, v, slopes = make_inputs(case, DEVICE)
+    eager = triton_decode(q, k, v, slopes=slopes, q_offset=2047)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_decode(q, k, v, slopes=slopes, q_offset=2047)  # compile both kernels before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_decode(q, k, v, slopes=slopes, q_offset=2047)
+    graph.replay()
+    torch.cuda.synchronize()
+    # both against float64, and the two roundings of the same sums close to each other
+    check(case, lambda *a, **kw: captured, grad=False, device=DEVICE)
+    check(case, lambda *a, **kw: eager, grad=False, device=DEVICE)
+    assert plans[0] == 1 and plans[-1] > 1  # eager: one pass; captured: split
+    torch.testing.assert_close(eager, captured, atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu
