@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -43,18 +44,22 @@ def _launch(kernel: TunedKernel, n: int, shift: float = 0.0) -> torch.Tensor:
     return x
 
 
-def test_first_launch_tunes_later_launches_reuse_the_choice() -> None:
+def test_first_launch_tunes_later_launches_reuse_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     timings = _Timings()
     kernel = _tuned([16, 32], timings)
+    tuner_runs: list[int] = []
+    run = kernel.autotuner.run
+    monkeypatch.setattr(kernel.autotuner, "run", lambda *a, **kw: (tuner_runs.append(1), run(*a, **kw))[1])
     assert torch.equal(_launch(kernel, 40), torch.full((40,), 32.0, device=DEVICE))
     assert timings.calls == 2  # both configs timed once
     # same key: no benchmarking, the chosen config runs (every element written, ragged tail included)
     assert torch.equal(_launch(kernel, 40, shift=0.5), torch.full((40,), 32.5, device=DEVICE))
     assert timings.calls == 2
+    assert len(tuner_runs) == 1  # the second launch went past the autotuner
     assert kernel.autotuner.best_config.kwargs == {"BLOCK": 32}
     # a new key is tuned afresh
     _launch(kernel, 70)
-    assert timings.calls == 4
+    assert timings.calls == 4 and len(tuner_runs) == 2
 
 
 def test_a_new_config_list_makes_the_choice_stale() -> None:

@@ -68,9 +68,18 @@ def test_eager_calls_match_the_ops_bitwise() -> None:
     op_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sl)]
     op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25)[0]
     op_grads = torch.autograd.grad(op_out, op_leaves, do)
+    assert type(out.grad_fn).__name__ == "_EagerFlashAttentionBackward"  # the eager path was taken
     assert torch.equal(out, op_out)
     for got, want in zip(eager_grads, op_grads, strict=True):
         assert torch.equal(got, want)
+    # no second derivative: an error, not gradients that silently lack it (the op's raises one step later)
+    out = ta.triton_attention(*leaves[:3], slopes=leaves[3], q_offset=case.q_offset, scale=0.25)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out, leaves, do, create_graph=True)
+    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25)[0]
+    op_grads = torch.autograd.grad(op_out, op_leaves, do, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(op_grads[0].sum(), op_leaves[0])
     decoded = ta.triton_attention(q[:, :, :2], k, v, slopes=sl, q_offset=11, scale=0.25)
     assert torch.equal(decoded, torch.ops.alibi_lm.decode_attention(q[:, :, :2], k, v, sl, True, 11, 0.25))
 

@@ -51,6 +51,9 @@ def test_host_bound_calls_take_one_pass_over_short_caches_only() -> None:
         plan = _split_plan(batch_heads, n_keys, device, host_bound=False)
         assert _split_plan(batch_heads, n_keys, device, host_bound=True) == plan
     assert _split_plan(1, 8192, device)[1] > 1
+    # the key-row bound is inclusive: 128 x 4096 = 2^19 rows take one pass, one more batch row does not
+    assert _split_plan(128, 4096, device, host_bound=True) == (4096, 1)
+    assert _split_plan(129, 4096, device, host_bound=True) == _split_plan(129, 4096, device, host_bound=False)
 
 
 def test_triton_attention_routes_small_queries_here() -> None:
@@ -85,7 +88,9 @@ def test_gpu_graph_capture_splits_and_matches_the_eager_pass(monkeypatch: pytest
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        triton_decode(q, k, v, slopes=slopes, q_offset=2047)  # compile both kernels before capture
+        # warm-up outside the capture (the one-pass kernel); the split and merge kernels are first
+        # compiled and loaded inside the capture, as under torch.compile's CUDA graphs
+        triton_decode(q, k, v, slopes=slopes, q_offset=2047)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -20,7 +20,11 @@ Grid = Callable[[dict[str, Any]], tuple[int, ...]]
 
 class TunedKernel:
     """Wraps a `triton.autotune`d kernel. `key` must determine the autotuner's own key (its key
-    arguments and the dtypes of the tensor arguments); the launchers pass exactly those values."""
+    arguments and the dtypes of the tensor arguments); the launchers pass exactly those values.
+
+    A choice is forgotten when the autotuner gets a new config list (a benchmark pinning configs);
+    clearing `autotuner.cache` alone or editing the list in place is not noticed: call `clear()`.
+    Like Triton's autotuner itself (which keeps per-launch state on the instance), not thread-safe."""
 
     def __init__(self, autotuner: triton.runtime.Autotuner) -> None:
         self.autotuner = autotuner

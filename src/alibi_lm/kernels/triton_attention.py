@@ -6,7 +6,8 @@ without the causal mask) is formed per tile in fp32 from integer positions, so n
 ever stored and the distance is exact up to 2^24 tokens.
 
 Layout of the file: block-range helpers -> forward kernel -> backward kernels (delta, dK/dV, dQ with
-dslopes) -> launchers -> custom ops (forward with autograd, backward, decoding) -> `triton_attention` / `supports`.
+dslopes) -> launchers (through `launch.TunedKernel`) -> custom ops (forward with autograd, backward, decoding;
+what torch.compile sees) and the eager autograd.Function -> `triton_attention` / `supports`.
 
 Scores are kept in the log2 domain (scale and slopes premultiplied by log2(e)) so the softmax uses
 exp2; the saved log-sum-exp is in the same domain.
@@ -653,15 +654,21 @@ class _EagerFlashAttention(torch.autograd.Function):
     op for the backward) cost more host time than the kernels' launches of a small shape."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
-                scale: float) -> Tensor:
-        o, lse = _forward(q, k, v, slopes, causal, q_offset, scale)
-        ctx.save_for_backward(q, k, v, o, lse, slopes)
-        ctx.args = (causal, q_offset, scale)
-        return o
+    def forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
+                scale: float) -> tuple[Tensor, Tensor]:
+        return _forward(q, k, v, slopes, causal, q_offset, scale)
 
     @staticmethod
-    def backward(ctx, do: Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        _flash_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no zero tensor for lse's gradient, which is never used
+
+    @staticmethod
+    def backward(ctx, do: Tensor, _dlse: Tensor | None):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients have no gradient of their own
+            raise RuntimeError("the Triton attention kernel has no double backward (create_graph=True); "
+                               "use backend='sdpa' or 'reference' for higher-order gradients")
         q, k, v, o, lse, slopes = ctx.saved_tensors
         need_dslopes = slopes is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dsl = _backward(do, q, k, v, o, lse, slopes, *ctx.args, need_dslopes)
@@ -696,6 +703,8 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
                          "use backend='sdpa' or 'reference' for other dtypes")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"the triton attention kernel supports head dims {HEAD_DIMS}, got {q.shape[-1]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k and v must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
     if k.shape[2] == 0:
         raise ValueError("attention over zero keys is undefined")
     if not (q.is_cuda or _INTERPRET):
@@ -715,7 +724,9 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None =
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     wants_grad = torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad or (slopes is not None and slopes.requires_grad))
-    compiling = torch.compiler.is_compiling()
+    # Traced calls (torch.compile, export; fake tensors, which are a Tensor subclass) keep the custom
+    # ops, whose fake implementations the tracers need; plain tensors take the leaner eager path.
+    compiling = torch.compiler.is_compiling() or type(q) is not Tensor
     if not wants_grad and q.shape[2] <= DECODE_MAX_QUERIES:
         if compiling:
             return _decode_op(q, k, v, slopes, causal, q_offset, scale)
@@ -726,7 +737,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None =
     sl32 = None if slopes is None else slopes.to(torch.float32).contiguous()
     if compiling:
         return _flash_fwd_op(q, k, v, sl32, causal, q_offset, scale)[0]
-    return _EagerFlashAttention.apply(q, k, v, sl32, causal, q_offset, scale)
+    return _EagerFlashAttention.apply(q, k, v, sl32, causal, q_offset, scale)[0]
 
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,

@@ -23,11 +23,12 @@ __all__ = ["triton_decode"]
 _BLOCK_N = 64
 # Aim for this many programs per multiprocessor so each has loads in flight while others compute.
 _PROGRAMS_PER_SM = 4
-# Outside a CUDA graph a short cache is host-bound: the split kernel and the merge cost ~80 µs of host
-# time on the H100/H200 hosts where one program per (batch, kv head) streaming its keys alone costs
-# ~45 µs and finishes on the GPU in 21-64 µs up to 4k keys (B = 1, H = 16, D = 128; 8 x 4k and 32 x 1k
-# break even). So eager calls over at most this many keys, and this many key rows over all batches
-# and kv heads, take one pass; captured calls, where only GPU time counts, always split.
+# Outside a CUDA graph a short cache is host-bound: the split kernel plus the merge cost ~80 µs of host
+# time per call on an H200 host, one pass (one program per batch and kv head streaming all its keys)
+# ~45 µs, and that pass finishes on the GPU in 21-64 µs up to 4k keys (B = 1, H = 16, D = 128;
+# 8 x 4k and 32 x 1k break even; results/bench/2026-11-26-early/host-h200/decode_probe.json). So eager
+# calls over at most this many keys, and this many key rows over all batches and kv heads, take one
+# pass; captured calls, where only GPU time counts, always split.
 _ONE_PASS_MAX_KEYS = 4096
 _ONE_PASS_MAX_KEY_ROWS = 1 << 19
 
