@@ -113,14 +113,17 @@ def test_compiled_model_matches_eager_without_graph_breaks() -> None:
     torch._dynamo.reset()
     compiled_loss, compiled_grads = loss_and_grads(torch.compile(loss_fn, fullgraph=True))
     torch._dynamo.reset()
-    # the attention ops run the same kernels either way; Inductor may round the ops around them
-    # differently (measured: equal up to 1e-8 on the CPU), hence a small tolerance, not bitwise equality
+    # the attention ops run the same kernels either way; Inductor may round the bf16 ops around them
+    # differently: equal up to 1e-8 on the CPU; on the H100 one gradient (the qkv bias) differed by
+    # 2.6e-3 of its largest entry, a third of bf16's epsilon, the same with the code before the eager
+    # path existed. Hence a tolerance, not bitwise equality, and a bf16-sized one on the GPU.
     torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-4, rtol=1e-4)
     assert set(compiled_grads) == set(eager_grads) and "position.slopes" in eager_grads
+    relative = 1e-3 if DEVICE == "cpu" else 1e-2
     for name, want in eager_grads.items():
         got = compiled_grads[name]
         assert torch.isfinite(got).all(), name
-        tol = 1e-3 * want.abs().max().item() + 1e-7
+        tol = relative * want.abs().max().item() + 1e-7
         assert (got - want).abs().max().item() <= tol, f"{name}: {(got - want).abs().max().item():.3e} > {tol:.3e}"
 
 
