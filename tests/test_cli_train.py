@@ -74,6 +74,7 @@ def test_unknown_key_in_config_file_and_unknown_preset(tmp_path, capsys):
     (tmp_path / "c.toml").write_text("[model]\nn_head = 4\n")
     _fails(capsys, ["train", "--config", str(tmp_path / "c.toml")], 'did you mean "n_heads"')
     _fails(capsys, ["train", "--config", "tinyy"], 'did you mean "tiny"')
+    _fails(capsys, ["train", "--config", str(tmp_path)], "is a directory; --config takes a TOML file")
     _fails(capsys, _train(tmp_path / "nodata", tmp_path / "run", "data.source="), "alibi-lm prepare")
 
 
@@ -101,3 +102,14 @@ def test_resume_errors_never_delete_checkpoints(tmp_path, capsys, data_dir):
     _fails(capsys, ["train", "--config", str(run / "config.json")], "already has checkpoints")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ckpts
     assert weights.read_bytes() == data[: len(data) // 2]
+
+
+def test_automatic_prepare_says_so_and_a_contradicting_tokenizer_fails(tmp_path, capsys, data_dir):
+    fresh = tmp_path / "typo-or-new"
+    assert main(_train(fresh, tmp_path / "run")) == 0
+    err = capsys.readouterr().err
+    assert f"{fresh} holds no prepared data; preparing it from data.source='embedded'" in err, err
+    # the tiny config prepares with bytes: data prepared so, asked for with bpe, is a contradiction
+    _fails(capsys, _train(data_dir, tmp_path / "run2", "data.tokenizer=bpe"),
+           "was prepared with the bytes tokenizer but data.tokenizer is 'bpe'")
+    assert not (tmp_path / "run2").exists()

@@ -6,7 +6,16 @@ import lzma
 import numpy as np
 import pytest
 
-from alibi_lm.data import batch_rows, default_data_dir, gather_windows, load_tokens, prepare, read_meta, window_starts
+from alibi_lm.data import (
+    batch_rows,
+    default_data_dir,
+    gather_windows,
+    load_tokens,
+    prepare,
+    read_corpus,
+    read_meta,
+    window_starts,
+)
 from alibi_lm.errors import UserError
 from alibi_lm.tokenizer import load_tokenizer
 
@@ -147,3 +156,20 @@ def test_cli_prepare_refuses_existing_output(tmp_path, capsys):
     assert len(err) == 1 and "--overwrite" in err[0]
     assert main(["prepare", str(src), "-o", str(tmp_path / "out"), "--tokenizer", "bytes", "--no-progress",
                  "--overwrite"]) == 0
+
+
+def test_missing_wikitext_names_the_command_that_takes_its_folder(tmp_path):
+    with pytest.raises(UserError, match=r"alibi-lm prepare wikitext-2 --data-dir DIR -o OUT"):
+        read_corpus("wikitext-2", data_dir=tmp_path)
+
+
+def test_prepare_never_writes_among_other_files(tmp_path):
+    out = tmp_path / "corpus"
+    out.mkdir()
+    (out / "notes.txt").write_text("my own text\n" * 50)
+    with pytest.raises(UserError, match=r"holds other files \(notes.txt\)"):
+        prepare(str(out / "notes.txt"), out, tokenizer="bytes", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # an empty folder, or one left with only hidden files, is fine
+    (tmp_path / "empty" / ".cache").mkdir(parents=True)
+    assert prepare(str(out / "notes.txt"), tmp_path / "empty", tokenizer="bytes", progress=False)["vocab_size"] > 0

@@ -203,6 +203,7 @@ def test_evaluate_command_defaults_and_errors(checkpoint_and_data, capsys):
     (["-o", "."], "is a directory"),
     (["--lengths", ""], "--lengths must be positive integers"),
     (["--lengths", "100000000000"], "longer than the"),
+    (["--max-tokens", "1"], "evaluate at least 2 tokens (--max-tokens)"),
 ])
 def test_evaluate_command_bad_options_fail_before_evaluating(checkpoint_and_data, capsys, args, message):
     from alibi_lm.cli import main

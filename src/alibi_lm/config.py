@@ -262,6 +262,9 @@ def _read_toml(path_or_preset: str) -> tuple[dict, str]:
     else:
         name = path.name[:-5] if path.name.endswith(".toml") else path.name
         if name not in presets() or (path.parent != Path(".") and not str(path.parent).endswith("configs")):
+            if path.is_dir():
+                raise UserError(f"{path} is a directory; --config takes a TOML file, a run's config.json or a "
+                                f"preset: {', '.join(presets())}")
             raise UserError(f"config not found: {path_or_preset}{closest_match_hint(name, presets())}; "
                             f"give a TOML file or a preset: {', '.join(presets())}")
         text = resources.files("alibi_lm").joinpath("configs", f"{name}.toml").read_bytes()

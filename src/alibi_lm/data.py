@@ -107,11 +107,14 @@ def _find(directory: Path, names: list[str]) -> Path | None:
 
 def _wikitext(name: str, data_dir: Path | None) -> Corpus:
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    # train's automatic prepare has no --data-dir of its own: the hint names the command that has one
+    hint = (f"prepare it with `alibi-lm prepare {name} --data-dir DIR -o OUT` (DIR: the folder that holds "
+            f"{name}/) and set data.path=OUT")
     if data_dir is None:
-        raise UserError(f"{name} needs the data directory; pass --data-dir (the folder that holds {name}/)")
+        raise UserError(f"{name} needs the shared data folder (../shared/data not found); {hint}")
     directory = data_dir / name
     if not directory.is_dir():
-        raise UserError(f"{directory} not found; pass --data-dir (the folder that holds {name}/)")
+        raise UserError(f"{directory} not found; {hint}")
     corpus = Corpus(splits={})
     for split in SPLITS:
         names = [f"wiki.{split}.tokens"]
@@ -244,6 +247,12 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_s
     if _holds_a_model(out):
         raise UserError(f"{out} holds a model checkpoint or a training run, which prepare never writes into "
                         "(not even with --overwrite); choose another output directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUT_NAMES and not p.name.startswith(".")
+                    ) if out.is_dir() else []
+    if others:
+        # its own files among someone else's could not be told apart, nor cleanly replaced
+        raise UserError(f"{out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                        "prepare writes into a new or empty folder, or one it prepared before")
     existing = [name for name in _OUTPUT_NAMES if (out / name).exists()]
     if existing and not overwrite:
         raise UserError(f"{out} already holds prepared data ({', '.join(existing)}); pass --overwrite to replace "

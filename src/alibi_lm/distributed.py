@@ -90,7 +90,9 @@ def shutdown() -> None:
         # FSDP2's device meshes hold the group (in `_pg_registry`), and DTensor's sharding and
         # redistribution caches hold the meshes for the life of the process.
         for obj in gc.get_objects():
-            if isinstance(obj, mesh_module.DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            # type(obj), not isinstance: isinstance reads obj.__class__, which on torch.distributed's
+            # deprecated module attributes (reduce_op) emits a FutureWarning per object
+            if issubclass(type(obj), mesh_module.DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
                 obj._pg_registry.clear()
     gc.collect()  # the wrapped model's reference cycles (DDP's or FSDP2's hooks and state) hold it too
 

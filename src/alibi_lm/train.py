@@ -364,10 +364,19 @@ def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> dict:
         raise UserError("data.path is not set; prepare data with `alibi-lm prepare` and pass --set data.path=DIR")
     if not (path / "meta.json").is_file() and cfg.data.source:
         if info.is_main:
+            # said out loud: a mistyped data.path would otherwise quietly become a new corpus
+            print(f"alibi-lm train: {path} holds no prepared data; preparing it from data.source="
+                  f"{cfg.data.source!r} with the {cfg.data.tokenizer} tokenizer", file=sys.stderr, flush=True)
             prepare(cfg.data.source, path, tokenizer=cfg.data.tokenizer, vocab_size=cfg.data.vocab_size,
                     progress=True)
         D.barrier()
-    return read_meta(path)
+    meta = read_meta(path)
+    # with a source, the config says how the data is made: data prepared otherwise contradicts it
+    if cfg.data.source and meta["tokenizer"] != cfg.data.tokenizer:
+        raise UserError(f"{path} was prepared with the {meta['tokenizer']} tokenizer but data.tokenizer is "
+                        f"{cfg.data.tokenizer!r}; set data.tokenizer={meta['tokenizer']}, or set data.path to a "
+                        f"new folder to prepare {cfg.data.source!r} with {cfg.data.tokenizer}")
+    return meta
 
 
 def _peak_memory(device: torch.device) -> int:

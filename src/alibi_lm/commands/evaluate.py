@@ -87,7 +87,9 @@ def fit_lengths(asked: list[int] | None, train_len: int, n_tokens: int, max_posi
     if too_long:
         if not kept:
             raise UserError(f"every evaluation length ({', '.join(map(str, too_long))}) is longer than the "
-                            f"{predictions:,} predictions of the evaluated tokens; use --lengths up to {predictions}")
+                            f"{predictions:,} predictions of the evaluated tokens; "
+                            + (f"use --lengths up to {predictions}" if predictions > 0
+                               else "evaluate at least 2 tokens (--max-tokens)"))
         print(f"note: skipping lengths {', '.join(map(str, too_long))}: longer than the {predictions:,} predictions "
               "of the evaluated tokens", file=sys.stderr)
     return kept
