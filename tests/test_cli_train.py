@@ -1,5 +1,7 @@
 """Bad input through the CLI: one clear line on stderr, exit code 2, no traceback, nothing deleted."""
 
+import json
+
 import pytest
 
 from alibi_lm.cli import main
@@ -104,12 +106,13 @@ def test_resume_errors_never_delete_checkpoints(tmp_path, capsys, data_dir):
     assert weights.read_bytes() == data[: len(data) // 2]
 
 
-def test_automatic_prepare_says_so_and_a_contradicting_tokenizer_fails(tmp_path, capsys, data_dir):
+def test_automatic_prepare_says_so_and_prepared_data_keeps_its_tokenizer(tmp_path, capsys, data_dir):
     fresh = tmp_path / "typo-or-new"
     assert main(_train(fresh, tmp_path / "run")) == 0
     err = capsys.readouterr().err
     assert f"{fresh} holds no prepared data; preparing it from data.source='embedded'" in err, err
-    # the tiny config prepares with bytes: data prepared so, asked for with bpe, is a contradiction
-    _fails(capsys, _train(data_dir, tmp_path / "run2", "data.tokenizer=bpe"),
-           "was prepared with the bytes tokenizer but data.tokenizer is 'bpe'")
-    assert not (tmp_path / "run2").exists()
+    # data already prepared with bytes, asked for with bpe: trained on as it is, said, and recorded truly
+    assert main(_train(data_dir, tmp_path / "run2", "data.tokenizer=bpe")) == 0
+    err = capsys.readouterr().err
+    assert "note: data.tokenizer=bpe does not apply" in err and "prepared with the bytes tokenizer" in err, err
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["data"]["tokenizer"] == "bytes"

@@ -12,6 +12,7 @@ Not here: the model (model.py), data preparation (data.py), extrapolation evalua
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -371,11 +372,11 @@ def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> dict:
                     progress=True)
         D.barrier()
     meta = read_meta(path)
-    # with a source, the config says how the data is made: data prepared otherwise contradicts it
-    if cfg.data.source and meta["tokenizer"] != cfg.data.tokenizer:
-        raise UserError(f"{path} was prepared with the {meta['tokenizer']} tokenizer but data.tokenizer is "
-                        f"{cfg.data.tokenizer!r}; set data.tokenizer={meta['tokenizer']}, or set data.path to a "
-                        f"new folder to prepare {cfg.data.source!r} with {cfg.data.tokenizer}")
+    # data.tokenizer only says how an automatic prepare tokenizes; prepared data is used as it is
+    if cfg.data.source and meta["tokenizer"] != cfg.data.tokenizer and info.is_main:
+        print(f"alibi-lm train: note: data.tokenizer={cfg.data.tokenizer} does not apply: {path} is already "
+              f"prepared with the {meta['tokenizer']} tokenizer, and the run uses it as it is (set data.path to a "
+              f"new folder to prepare {cfg.data.source!r} with {cfg.data.tokenizer})", file=sys.stderr, flush=True)
     return meta
 
 
@@ -439,6 +440,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
         raise UserError(f"run.compile_mode={cfg.run.compile_mode} captures CUDA graphs, which alibi-lm supports "
                         "for one process only; use compile_mode=default under torchrun")
     data_meta = _prepare_data(cfg, info)
+    # the run's config.json and checkpoints record the tokenizer the data was made with
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=data_meta["tokenizer"]))
     if data_meta["vocab_size"] > cfg.model.vocab_size:
         raise UserError(f"the data's vocabulary ({data_meta['vocab_size']}) is larger than model.vocab_size "
                         f"({cfg.model.vocab_size}); set model.vocab_size >= {data_meta['vocab_size']}")
