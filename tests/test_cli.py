@@ -52,6 +52,14 @@ def test_a_missing_argument_is_one_line_naming_the_command(capsys):
     assert line.startswith("alibi-lm generate: error:") and "--prompt" in line and "alibi-lm generate --help" in line
 
 
+def test_an_unknown_option_points_at_its_commands_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", "tiny", "--data-dir", "x"])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "alibi-lm train: error: unrecognized arguments: --data-dir x (see alibi-lm train --help)"
+
+
 def test_unwritable_output_is_one_line_and_exit_code_2(tmp_path, capsys):
     from alibi_lm.data import prepare
 

@@ -50,6 +50,13 @@ def test_prepare_prints_counts(tmp_path, capsys):
     assert "train" in capsys.readouterr().out
 
 
+def test_prepare_says_when_bpe_falls_short_of_the_vocabulary_asked_for(tmp_path, capsys):
+    (tmp_path / "small.txt").write_text("".join(f"line {i} of a small corpus\n" for i in range(60)))
+    assert main(["prepare", str(tmp_path / "small.txt"), "-o", str(tmp_path / "o"), "--tokenizer", "bpe",
+                 "--vocab-size", "100000", "--no-progress"]) == 0
+    assert "BPE tokens, not the 100,000 asked for" in capsys.readouterr().out
+
+
 def test_corpus_shorter_than_one_window(tmp_path, capsys):
     (tmp_path / "short.txt").write_text("".join(f"line {i}\n" for i in range(40)))
     assert main(["prepare", str(tmp_path / "short.txt"), "-o", str(tmp_path / "d"), "--tokenizer", "bytes",

@@ -214,6 +214,15 @@ def test_evaluate_command_bad_options_fail_before_evaluating(checkpoint_and_data
     assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured.err
 
 
+def test_evaluate_command_notes_a_stride_longer_than_a_length(checkpoint_and_data, capsys):
+    from alibi_lm.cli import main
+
+    ckpt, data = checkpoint_and_data
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--no-progress", "--max-tokens", "300",
+                 "--mode", "sliding", "--stride", "40", "--lengths", "16,64"]) == 0
+    assert "note: --stride 40 is longer than length 16;" in capsys.readouterr().err
+
+
 def test_evaluate_command_protects_files_and_checks_its_inputs(checkpoint_and_data, tmp_path, capsys):
     import json
 

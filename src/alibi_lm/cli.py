@@ -42,26 +42,34 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake told in one line (like every other user error) instead of the
     usage block: the line names the command and where its help is."""
 
+    #: the subcommands' parsers by name (build_parser fills it), so that an unknown option after a
+    #: command points at that command's help rather than at the top-level one
+    command_parsers: dict[str, argparse.ArgumentParser]
+
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(prog="alibi-lm", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"alibi-lm {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.command_parsers = {}
     for module in _command_modules():
         description = getattr(module, "DESCRIPTION", module.HELP)
         sub = subparsers.add_parser(module.NAME, help=module.HELP, description=description,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
+        parser.command_parsers[module.NAME] = sub
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.command_parsers.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         parser.print_help()
         return 0

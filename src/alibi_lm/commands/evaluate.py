@@ -191,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
     lengths = fit_lengths(parse_lengths(args.lengths) if args.lengths is not None else None, train_len,
                           len(tokens), ckpt.model.position.max_positions)
     modes = ("nonoverlapping", "sliding") if args.mode == "both" else (args.mode,)
+    if "sliding" in modes and (short := [n for n in lengths if n < args.stride]):
+        print(f"note: --stride {args.stride} is longer than length {', '.join(map(str, short))}; the sliding "
+              "window there advances by its whole length (nonoverlapping)", file=sys.stderr)
     results = evaluate_model(
         ckpt.model, tokens, train_len=train_len, lengths=lengths, modes=modes, stride=args.stride,
         word_count=words, label=args.label,

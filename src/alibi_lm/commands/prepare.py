@@ -57,4 +57,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {split:<5} {info['tokens']:>12,} tokens {info['words']:>12,} words (incl. one per line)")
     for note in meta["notes"]:
         print(f"  note: {note}")
+    if meta["tokenizer"] == "bpe" and meta["vocab_size"] < args.vocab_size:
+        print(f"  note: the train split supports only {meta['vocab_size']:,} BPE tokens, not the "
+              f"{args.vocab_size:,} asked for (the trainer ran out of pairs to merge)")
     return 0
