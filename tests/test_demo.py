@@ -60,6 +60,14 @@ def test_commands_on_the_demo_checkpoints(demo, tmp_path, capsys):
     assert text.startswith("The ") and len(text.encode()) >= 300
 
 
+def test_a_second_demo_says_it_replaces_the_first(tmp_path):
+    printed: list[str] = []
+    for _ in range(2):
+        run_demo(tmp_path / "d", steps=2, progress=False, echo=printed.append)
+    replaced = [line for line in printed if line.startswith("replacing the earlier demo's")]
+    assert len(replaced) == 2 and "alibi run" in replaced[0] and "sinusoidal run" in replaced[1], printed
+
+
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
     assert main(["demo", "-o", str(tmp_path), "--no-progress"]) == 2

@@ -85,6 +85,7 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
         cfg = load_config("demo", overrides)
         train_len = cfg.data.train_len
         if run_dir.exists():
+            echo(f"replacing the earlier demo's {position} run in {run_dir}")
             shutil.rmtree(run_dir)  # an earlier demo's run (the folder is ours, see _claim_folder)
         echo(f"training {position}: {cfg.model.n_layers} layers, d_model {cfg.model.d_model}, "
              f"{cfg.run.steps} steps of {cfg.data.batch_size} x {train_len} bytes ...")
