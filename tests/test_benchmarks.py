@@ -77,6 +77,15 @@ def test_eval_memory_evaluates_every_length(tmp_path: Path) -> None:
     assert all(math.isfinite(r["loss"]) and 0 < r["loss"] < 20 and r["tokens_per_second"] > 0 for r in rows)
 
 
+def test_generate_benchmark_times_every_method(tmp_path: Path) -> None:
+    _run("generate.py", "--out", tmp_path, "--cpu-smoke")
+    rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["alibi_triton", "alibi_sdpa_bias_row", "none_sdpa"]
+    # batch 2 x 4 new tokens each, all generated (no stop token), at a positive rate
+    assert all(r["new_tokens"] == 8 and r["tokens_per_s"] > 0 and len(r["first_tokens"]) == 4 for r in rows)
+    assert "| 24 | 2 |" in (tmp_path / "generate.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def byte_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "embedded"

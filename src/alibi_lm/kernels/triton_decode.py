@@ -33,7 +33,9 @@ _ONE_PASS_MAX_KEYS = 4096
 _ONE_PASS_MAX_KEY_ROWS = 1 << 19
 
 
-@triton.jit
+# Lengths and offsets change by one every generated token: specialised (Triton compiles a variant for
+# integers divisible by 16 and for 1), each new variant would stall generation for a compile mid-way.
+@triton.jit(do_not_specialize=["Lq", "Lk", "q_offset", "keys_per_split", "n_split"])
 def _split_kernel(Q, K, V, Slopes, O, Opart, Mpart, Lpart,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                   H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, keys_per_split, n_split, D,
@@ -106,7 +108,7 @@ def _split_kernel(Q, K, V, Slopes, O, Opart, Mpart, Lpart,
         tl.store(Lpart + row * n_split + split, l_i, mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "n_split"])
 def _merge_kernel(O, Opart, Mpart, Lpart, sob, soh, som, H, Lq, n_split, D,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     row = tl.program_id(0)
