@@ -42,13 +42,20 @@ def _parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def measure(position: str, length: int, args: argparse.Namespace, device: torch.device) -> dict:
-    overrides = [f"model.position={position}", "model.dropout=0.0"]
-    if args.cpu_smoke:
+def random_small_model(overrides: list[str], cpu_smoke: bool, device: torch.device) -> TransformerLM:
+    """The `small` preset (or, for a CPU smoke run, a 2-layer, 64-wide version of it) with random weights,
+    seeded, in eval mode: speed and memory do not depend on what a model learned (generate.py uses it too)."""
+    overrides = [*overrides, "model.dropout=0.0"]
+    if cpu_smoke:
         overrides += ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.vocab_size=512"]
     cfg = load_config("small", overrides).model
     torch.manual_seed(0)
-    model = TransformerLM(cfg).to(device).eval()
+    return TransformerLM(cfg).to(device).eval()
+
+
+def measure(position: str, length: int, args: argparse.Namespace, device: torch.device) -> dict:
+    model = random_small_model([f"model.position={position}"], args.cpu_smoke, device)
+    cfg = model.cfg
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=max(args.tokens, length + 1), dtype=np.int64)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 
-from alibi_lm.config import load_config
 from alibi_lm.generate import generate
-from alibi_lm.model import TransformerLM
+from eval_memory import random_small_model  # benchmarks/ is on sys.path when a script runs
 
 # (name, position, attention backend)
 METHODS = [("alibi_triton", "alibi", "auto"), ("alibi_sdpa_bias_row", "alibi", "sdpa"), ("none_sdpa", "none", "sdpa")]
@@ -47,12 +46,9 @@ def _parse() -> argparse.Namespace:
 def measure(method: tuple[str, str, str], prompt_len: int, batch: int, args: argparse.Namespace,
             device: torch.device) -> dict:
     name, position, backend = method
-    overrides = [f"model.position={position}", f"model.attention_backend={backend}", "model.dropout=0.0"]
-    if args.cpu_smoke:
-        overrides += ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.vocab_size=512"]
-    cfg = load_config("small", overrides).model
-    torch.manual_seed(0)
-    model = TransformerLM(cfg).to(device).eval()
+    model = random_small_model([f"model.position={position}", f"model.attention_backend={backend}"],
+                               args.cpu_smoke, device)
+    cfg = model.cfg
     generator = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=generator).tolist()
     row: dict = {"method": name, "prompt": prompt_len, "batch": batch, "new": args.new}

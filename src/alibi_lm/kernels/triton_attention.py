@@ -726,16 +726,16 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None =
         q.requires_grad or k.requires_grad or v.requires_grad or (slopes is not None and slopes.requires_grad))
     # Traced calls (torch.compile, export; fake tensors, which are a Tensor subclass) keep the custom
     # ops, whose fake implementations the tracers need; plain tensors take the leaner eager path.
-    compiling = torch.compiler.is_compiling() or type(q) is not Tensor
+    traced = torch.compiler.is_compiling() or type(q) is not Tensor
     if not wants_grad and q.shape[2] <= DECODE_MAX_QUERIES:
-        if compiling:
+        if traced:
             return _decode_op(q, k, v, slopes, causal, q_offset, scale)
         from alibi_lm.kernels.triton_decode import triton_decode
 
         return triton_decode(q, k, v, slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
     # the cast is differentiable: autograd brings dslopes back to the slopes' own dtype
     sl32 = None if slopes is None else slopes.to(torch.float32).contiguous()
-    if compiling:
+    if traced:
         return _flash_fwd_op(q, k, v, sl32, causal, q_offset, scale)[0]
     return _EagerFlashAttention.apply(q, k, v, sl32, causal, q_offset, scale)[0]
 
