@@ -8,6 +8,7 @@ quantities its own error is nothing but the final rounding).
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import dataclass
 
@@ -62,6 +63,22 @@ def make_inputs(case: Case, device: str = "cpu") -> tuple[Tensor, Tensor, Tensor
 def max_err(x: Tensor, ref64: Tensor) -> float:
     assert torch.isfinite(x).all(), "non-finite values in the kernel's result"
     return (x.double() - ref64).abs().max().item()
+
+
+def lse_oracle(q: Tensor, k: Tensor, slopes: Tensor | None, case: Case, scale: float) -> Tensor:
+    """The forward kernel's saved row statistic in float64: log2 of the sum over visible keys of
+    2^(log2(e) * biased score), (B, H, Lq). The kernels clamp the query position of the bias to the last
+    key (a row constant past the cache, which no softmax sees), so the oracle does too."""
+    q64, k64 = q.double(), k.double().repeat_interleave(case.heads // case.kv_heads, dim=1)
+    scores = torch.einsum("bhid,bhjd->bhij", q64, k64) * scale
+    pos_q = torch.arange(case.q_offset, case.q_offset + case.q_len, dtype=torch.float64, device=q.device)
+    pos_k = torch.arange(case.k_len, dtype=torch.float64, device=q.device)
+    if slopes is not None:
+        dist = (pos_q.clamp(max=case.k_len - 1)[:, None] - pos_k[None, :]).abs()
+        scores = scores - slopes.double()[:, None, None] * dist
+    if case.causal:
+        scores = scores.masked_fill(pos_k[None, :] > pos_q[:, None], -math.inf)
+    return torch.logsumexp(scores, dim=-1) / math.log(2.0)
 
 
 def run_and_grads(fn, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, case: Case, do: Tensor,

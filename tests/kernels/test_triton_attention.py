@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from _attention_check import Case, check, make_inputs, max_err
+from _attention_check import Case, check, lse_oracle, make_inputs, max_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,12 +74,16 @@ TMA_CASES = [
 def test_tensor_descriptor_forward_matches_pointer_forward(case: Case) -> None:
     """The forward kernel's tensor-descriptor loads (the copy engine's zero fill at ragged edges, its
     clipped store of O) compute what its pointer loads compute: output and log-sum-exp, and the
-    gradients the backward derives from them, each as close to float64 as the pointer path's."""
+    gradients the backward derives from them, each as close to float64 as the pointer path's.
+
+    Never bitwise: under the interpreter both paths multiply through numpy's BLAS, whose kernels may
+    sum in another order for the two memory layouts (OpenBLAS's AVX-512 kernels do: issue 16)."""
     q, k, v, slopes = (None if t is None else t.detach() for t in make_inputs(case, DEVICE))
     q = q.transpose(1, 2).contiguous().transpose(1, 2)  # the model's (B, L, H, D) memory layout
     sl = None if slopes is None else slopes.float()
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
-    args = (q, k, v, sl, case.causal, case.q_offset, case.head_dim ** -0.5)
+    scale = case.head_dim ** -0.5
+    args = (q, k, v, sl, case.causal, case.q_offset, scale)
     if not kernel_module._tma_capable(q, k, v, do):
         assert DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9
         pytest.skip("this GPU has no tensor memory accelerator (sm_90+)")
@@ -92,18 +96,20 @@ def test_tensor_descriptor_forward_matches_pointer_forward(case: Case) -> None:
     sl64 = None if sl is None else sl.double().requires_grad_(True)
     oracle = attention_reference(*leaves, slopes=sl64, causal=case.causal, q_offset=case.q_offset)
     oracle.backward(do.double())
-    want = [oracle.detach(), None, *(t.grad for t in leaves), None if sl64 is None else sl64.grad]
+    lse64 = lse_oracle(q, k, sl, case, scale)
+    want = [oracle.detach(), lse64, *(t.grad for t in leaves), None if sl64 is None else sl64.grad]
     for name, tma_t, ptr_t, w in zip(("out", "lse", "dq", "dk", "dv", "dslopes"), got[True], got[False], want):
         if ptr_t is None:
             assert tma_t is None, name
             continue
-        if DEVICE == "cpu":  # the interpreter runs both paths through the same arithmetic
-            assert torch.equal(tma_t, ptr_t), name
-        if w is None:
-            torch.testing.assert_close(tma_t, ptr_t, rtol=0, atol=1e-4)
-        else:
-            slack = 2**-8 * max(1.0, w.abs().max().item())
-            assert max_err(tma_t, w) <= 2 * max_err(ptr_t, w) + slack, name
+        if name == "lse":
+            # fp32 scores of bf16/fp16 inputs: a few float32 rounding steps of the scores' magnitude per
+            # term of the dot product, whatever order the products are summed in
+            bound = 8 * case.head_dim * 2.0**-24 * max(1.0, w.abs().max().item())
+            assert max_err(tma_t, w) <= bound and max_err(ptr_t, w) <= bound, name
+            continue
+        slack = 2**-8 * max(1.0, w.abs().max().item())
+        assert max_err(tma_t, w) <= 2 * max_err(ptr_t, w) + slack, name
 
 
 def test_expanded_keys_take_the_pointer_loads() -> None:
