@@ -198,3 +198,24 @@ def test_perplexity_is_exp_of_the_mean_nll_and_infinite_past_float_range():
     assert perplexity(math.log(123.5)) == pytest.approx(123.5)
     assert perplexity(0.0) == 1.0
     assert perplexity(710.0) == math.inf
+
+
+@pytest.mark.parametrize("offset, n_queries", [(0, 37), (20, 9)])
+def test_t5_attention_in_query_chunks_equals_one_bias(offset, n_queries):
+    from alibi_lm import positions
+    from alibi_lm.model import BIAS_CHUNK_ELEMENTS, attend
+
+    t5 = positions.T5Bias(n_heads=4).double()
+    torch.nn.init.normal_(t5.table.weight, std=0.5)
+    gen = torch.Generator().manual_seed(n_queries)
+    q = torch.randn(2, 4, n_queries, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 4, offset + n_queries, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    results = []
+    for limit in (BIAS_CHUNK_ELEMENTS, 5 * 4 * (offset + n_queries)):  # one chunk, then 5 rows
+        t5.zero_grad()
+        out = attend(q, k, v, t5, offset, "sdpa", chunk_elements=limit)
+        out.square().sum().backward()
+        results.append((out.detach(), t5.table.weight.grad.clone()))
+    (whole, whole_grad), (chunked, chunked_grad) = results
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-10, atol=1e-12)

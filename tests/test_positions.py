@@ -86,22 +86,3 @@ def test_t5_buckets_are_monotone_and_bounded(distance):
         assert buckets[0] == 31
 
 
-@pytest.mark.parametrize("offset, n_queries", [(0, 37), (20, 9)])
-def test_t5_attention_in_query_chunks_equals_one_bias(monkeypatch, offset, n_queries):
-    from alibi_lm import positions
-
-    t5 = positions.T5Bias(n_heads=4).double()
-    torch.nn.init.normal_(t5.table.weight, std=0.5)
-    gen = torch.Generator().manual_seed(n_queries)
-    q = torch.randn(2, 4, n_queries, 8, generator=gen, dtype=torch.float64)
-    k, v = (torch.randn(2, 4, offset + n_queries, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-    results = []
-    for limit in (positions.T5_CHUNK_ELEMENTS, 5 * 4 * (offset + n_queries)):  # one chunk, then 5 rows
-        monkeypatch.setattr(positions, "T5_CHUNK_ELEMENTS", limit)
-        t5.zero_grad()
-        out = t5.attend(q, k, v, offset, "sdpa")
-        out.square().sum().backward()
-        results.append((out.detach(), t5.table.weight.grad.clone()))
-    (whole, whole_grad), (chunked, chunked_grad) = results
-    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-10, atol=1e-12)

@@ -1,7 +1,7 @@
 """Training configuration: TOML -> typed dataclasses, with `--set section.key=value` overrides.
 
 A TOML file states only what differs from the defaults below; sections are [model] (the
-`ModelConfig` of model.py), [data], [optim], [schedule] and [run]. An unknown section or key is a
+`ModelConfig` of model_config.py), [data], [optim], [schedule] and [run]. An unknown section or key is a
 UserError that names the closest valid one; a value of the wrong type names the field and its type.
 Presets ship as package data in `alibi_lm/configs/` (`--config tiny` works from any directory).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from alibi_lm.errors import UserError, closest_match_hint
-from alibi_lm.model import ModelConfig
+from alibi_lm.model_config import ModelConfig
 
 if typing.TYPE_CHECKING:
     from collections.abc import Sequence
@@ -326,8 +326,3 @@ def to_toml(config: TrainConfig) -> str:
             else:
                 lines.append(f"{key} = {value!r}")
     return "\n".join(lines) + "\n"
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    """The inverse of `TrainConfig.to_dict` (for config.json and checkpoint metadata)."""
-    return TrainConfig.from_dict(values)

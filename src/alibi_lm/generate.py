@@ -24,7 +24,6 @@ from torch import Tensor
 
 from alibi_lm.errors import UserError
 from alibi_lm.model import TransformerLM, inference_autocast_dtype
-from alibi_lm.positions import Learned, Sinusoidal
 
 __all__ = ["filter_logits", "generate"]
 
@@ -156,7 +155,7 @@ def generate(
     generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
     if max_new_tokens == 0:
         return [[] for _ in prompts]
-    if isinstance(model.position, (Sinusoidal, Learned)):
+    if model.position.absolute:  # left padding would shift every absolute position
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(len(p), []).append(i)

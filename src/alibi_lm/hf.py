@@ -34,7 +34,8 @@ from torch import Tensor
 
 from alibi_lm.checkpoint import replace_dir
 from alibi_lm.errors import UserError
-from alibi_lm.model import ModelConfig, TransformerLM
+from alibi_lm.model import TransformerLM
+from alibi_lm.model_config import ModelConfig
 from alibi_lm.positions import alibi_slopes, mpt_alibi_slopes
 
 __all__ = [

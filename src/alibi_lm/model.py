@@ -11,136 +11,21 @@ heads, K key/value heads, D head dimension, C d_model, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alibi_lm.errors import closest_match_hint
-from alibi_lm.kernels import BACKENDS
-from alibi_lm.positions import POSITIONS, SLOPE_RULES, ALiBi, Learned, PositionMethod, Rotary, Sinusoidal, T5Bias
+from alibi_lm.kernels import attention
+from alibi_lm.kernels.sdpa import attend_in_query_chunks
+from alibi_lm.model_config import ModelConfig
+from alibi_lm.positions import PositionMethod, build_position
 
 __all__ = ["KVCache", "ModelConfig", "TransformerLM", "inference_autocast_dtype", "token_nll"]
 
-NORMS = ("layernorm", "rmsnorm")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 256
-    n_layers: int = 4
-    d_model: int = 256
-    n_heads: int = 4
-    #: key/value heads (GQA/MQA); None means n_heads
-    n_kv_heads: int | None = None
-    #: feed-forward width; None means 4 * d_model
-    d_ff: int | None = None
-    #: dropout on embeddings and on each residual branch
-    dropout: float = 0.0
-    #: alibi | sinusoidal | learned | rotary | t5 | none
-    position: str = "alibi"
-    #: size of the `learned` position table (the longest input it can read)
-    max_len: int = 1024
-    norm: str = "layernorm"
-    #: gelu | gelu_tanh (BLOOM, GPT-2) | swiglu
-    activation: str = "gelu"
-    tie_embeddings: bool = True
-    #: biases in linear layers and layer norms
-    bias: bool = True
-    #: a layer norm right after the token embeddings (BLOOM's word_embeddings_layernorm)
-    embed_norm: bool = False
-    norm_eps: float = 1e-5
-    #: ALiBi slopes become parameters (the Triton backward returns their gradient)
-    trainable_slopes: bool = False
-    #: paper (Press et al., also BLOOM) | mpt (MosaicML's rule for non-power-of-two heads)
-    slope_rule: str = "paper"
-    #: the 8 of 2^(-8h/n); MPT calls it alibi_bias_max
-    alibi_max_bias: float = 8.0
-    #: clamp the fused q/k/v projection to [-qkv_clip, qkv_clip] (MPT's clip_qkv); None: no clamp
-    qkv_clip: float | None = None
-    #: the attention score scale (MPT's softmax_scale); None means 1/sqrt(head_dim)
-    attn_scale: float | None = None
-    rotary_base: float = 10000.0
-    t5_num_buckets: int = 32
-    t5_max_distance: int = 128
-    #: attention backend: auto | triton | sdpa | reference
-    attention_backend: str = "auto"
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def ff_width(self) -> int:
-        return 4 * self.d_model if self.d_ff is None else self.d_ff
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    def validate(self) -> None:
-        """Raise ValueError (a UserError) naming the first invalid field."""
-        from alibi_lm.errors import UserError
-
-        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"model.{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})")
-        if self.ff_width < 1:
-            raise UserError(f"model.d_ff must be positive, got {self.d_ff}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        choices = {"position": POSITIONS, "norm": NORMS, "activation": ACTIVATIONS, "slope_rule": SLOPE_RULES,
-                   "attention_backend": BACKENDS}
-        for name, valid in choices.items():
-            value = getattr(self, name)
-            if value not in valid:
-                raise UserError(f"unknown model.{name} {value!r}{closest_match_hint(str(value), valid)}; "
-                                f"valid: {', '.join(valid)}")
-        for name in ("qkv_clip", "attn_scale"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value) or value <= 0):
-                raise UserError(f"model.{name} must be a positive number or unset, got {value!r}")
-        bias = self.alibi_max_bias
-        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not 0 < bias < math.inf:
-            raise UserError(f"model.alibi_max_bias must be a positive finite number, got {bias!r}")
-        if self.position == "rotary" and self.head_dim % 2:
-            raise UserError(f"rotary positions need an even head dimension, got {self.head_dim}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ModelConfig:
-        from alibi_lm.errors import UserError
-
-        known = {f.name for f in fields(cls)}
-        for key in values:
-            if key not in known:
-                raise UserError(f"unknown model config key {key!r}{closest_match_hint(key, known)}")
-        return cls(**values)
-
-
-def build_position(cfg: ModelConfig) -> PositionMethod:
-    if cfg.position == "alibi":
-        return ALiBi(cfg.n_heads, rule=cfg.slope_rule, max_bias=cfg.alibi_max_bias, trainable=cfg.trainable_slopes)
-    if cfg.position == "sinusoidal":
-        return Sinusoidal(cfg.d_model)
-    if cfg.position == "learned":
-        return Learned(cfg.d_model, cfg.max_len)
-    if cfg.position == "rotary":
-        return Rotary(cfg.head_dim, cfg.rotary_base)
-    if cfg.position == "t5":
-        return T5Bias(cfg.n_heads, cfg.t5_num_buckets, cfg.t5_max_distance)
-    return POSITIONS[cfg.position]()
-
+#: the most elements (heads x queries x keys) of an additive score bias (T5's, a padding mask) built at
+#: once; more are taken in query chunks
+BIAS_CHUNK_ELEMENTS = 1 << 25
 
 class KVCache:
     """Keys and values of every layer for incremental decoding, in buffers that double when full.
@@ -209,25 +94,34 @@ class Attention(nn.Module):
         q, k = position.rotate(q, k, offset)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
-        if padding_mask is None:
-            out = position.attend(q, k, v, offset, self.cfg.attention_backend)
-        else:
-            out = _attend_padded(position, q, k, v, offset, self.cfg.attention_backend, padding_mask)
+        out = attend(q, k, v, position, offset, self.cfg.attention_backend, padding_mask)
         return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
-def _attend_padded(position: PositionMethod, q: Tensor, k: Tensor, v: Tensor, offset: int, backend: str,
-                   padding_mask: Tensor) -> Tensor:
-    from alibi_lm.kernels import attention
+def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: int, backend: str,
+           padding_mask: Tensor | None = None, *, chunk_elements: int = BIAS_CHUNK_ELEMENTS) -> Tensor:
+    """Causal attention of q (B, H, T, D) over k, v (B, K, S, D) with what the position method adds:
+    ALiBi's slopes go to the kernel; an additive bias (T5's learned one, a padding mask) is built per
+    query chunk, since at 16k tokens a whole (H, T, S) bias and its int64 buckets take tens of GiB; a
+    causal chunk reads only the keys up to its last query. Typical training shapes fit one chunk."""
+    slopes = position.attention_slopes()
+    mask = None if padding_mask is None else padding_bias(padding_mask, q.shape[2], offset, q.dtype)
+    if mask is None and not position.score_bias:
+        return attention(q, k, v, slopes=slopes, causal=True, q_offset=offset, backend=backend)
+    if backend in ("auto", "triton"):
+        backend = "sdpa"  # the fused kernel computes its bias in-kernel and takes no bias tensor
 
-    mask = padding_bias(padding_mask, q.shape[2], offset, q.dtype)
-    backend = "sdpa" if backend in ("auto", "triton") else backend
-    if isinstance(position, ALiBi):
-        return attention(q, k, v, slopes=position.slopes, q_offset=offset, backend=backend, bias=mask)
-    if isinstance(position, T5Bias):
-        bias = position.bias(q.shape[2], k.shape[2], offset, q.device).to(q.dtype)
-        return attention(q, k, v, q_offset=offset, backend=backend, bias=mask + bias)
-    return attention(q, k, v, q_offset=offset, backend=backend, bias=mask)
+    def attend_chunk(q_part: Tensor, k_part: Tensor, v_part: Tensor, start: int, end: int) -> Tensor:
+        bias = position.attention_bias(end - start, k_part.shape[2], offset + start, q.device)
+        bias = None if bias is None else bias.to(q.dtype)
+        if mask is not None:
+            part = mask[..., start:end, : k_part.shape[2]]
+            bias = part if bias is None else part + bias
+        return attention(q_part, k_part, v_part, slopes=slopes, causal=True, q_offset=offset + start,
+                         backend=backend, bias=bias)
+
+    rows = max(1, chunk_elements // (q.shape[1] * k.shape[2]))
+    return attend_in_query_chunks(q, k, v, rows=rows, q_offset=offset, causal=True, attend=attend_chunk)
 
 
 class MLP(nn.Module):
@@ -323,15 +217,12 @@ class TransformerLM(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=residual_std)
             nn.init.normal_(block.mlp.down.weight, std=residual_std)
-        if isinstance(self.position, T5Bias):
-            nn.init.zeros_(self.position.table.weight)
+        self.position.reset_parameters()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.embed.weight.numel()
-            if isinstance(self.position, Learned):
-                n -= self.position.table.weight.numel()
+            n -= self.embed.weight.numel() + self.position.lookup_parameters()
         return n
 
     def new_cache(self, batch: int, capacity: int, device: torch.device | str | None = None,
@@ -362,7 +253,7 @@ class TransformerLM(nn.Module):
                              f"got {logits_from}")
         offset = cache.length if cache is not None else 0
         if padding_mask is not None:
-            if isinstance(self.position, (Sinusoidal, Learned)):
+            if self.position.absolute:
                 raise ValueError(f"padded batches need a relative position method; {self.cfg.position} "
                                  "positions are absolute: run prompts one by one")
             if padding_mask.shape != (tokens.shape[0], offset + tokens.shape[1]):

@@ -4,12 +4,19 @@ Every method is a small `nn.Module` with one contract, used by `model.Transforme
 
 - `embed(x, offset)` adds position information to the token embeddings (sinusoidal, learned);
 - `rotate(q, k, offset)` rotates queries and keys (rotary);
-- `attend(q, k, v, offset, backend)` runs attention, adding the method's bias (alibi, t5).
+- `attention_slopes()` gives the per-head ALiBi slopes the attention kernel adds in-kernel (alibi);
+- `attention_bias(n_queries, n_keys, offset, device)` gives an additive (heads, queries, keys) score
+  bias (t5);
+- traits: `absolute` (tied to absolute indices: a left-padded batch cannot use it), `max_positions`
+  (the longest input it can read), `lookup_parameters()` (parameters that are a table lookup, not a
+  matrix product: no FLOPs).
 
 Positions are absolute token indices: `offset` is the index of the first token of `x` (or `q`), which
 is the KV-cache length during incremental decoding. Keys always start at position 0. Only ALiBi's
 slopes reach the attention kernel; no method but T5 builds a (heads, queries, keys) tensor, and T5's
-is learned and bucketed, so it cannot be computed in-kernel from the positions alone.
+is learned and bucketed, so it cannot be computed in-kernel from the positions alone. The model runs
+attention (this module never calls a kernel: positions and kernels are one layer, STYLE.md).
+`build_position(cfg)` is the one place a method is chosen by name.
 """
 
 from __future__ import annotations
@@ -20,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alibi_lm.kernels import attention
-from alibi_lm.kernels.sdpa import attend_in_query_chunks
+from alibi_lm.model_config import ModelConfig
 
 __all__ = [
     "POSITIONS",
@@ -33,6 +39,7 @@ __all__ = [
     "Sinusoidal",
     "T5Bias",
     "alibi_slopes",
+    "build_position",
     "mpt_alibi_slopes",
 ]
 
@@ -80,8 +87,17 @@ class PositionMethod(nn.Module):
     """No position information at all; the base class of every method (identity hooks)."""
 
     name = "none"
+    #: information tied to absolute token indices (added to the embeddings): a left-padded batch shifts
+    #: every index, so such methods cannot run prompts of different lengths in one batch
+    absolute = False
     #: the largest position the method can represent (None: unbounded)
     max_positions: int | None = None
+    #: whether `attention_bias` gives a tensor (the fused kernel cannot take one)
+    score_bias = False
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> PositionMethod:
+        return cls()
 
     def embed(self, x: Tensor, offset: int) -> Tensor:  # x: (B, T, d_model)
         return x
@@ -89,8 +105,20 @@ class PositionMethod(nn.Module):
     def rotate(self, q: Tensor, k: Tensor, offset: int) -> tuple[Tensor, Tensor]:
         return q, k
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int, backend: str) -> Tensor:
-        return attention(q, k, v, causal=True, q_offset=offset, backend=backend)
+    def attention_slopes(self) -> Tensor | None:
+        """(H,) slopes of the in-kernel ALiBi bias, or None."""
+        return None
+
+    def attention_bias(self, n_queries: int, n_keys: int, offset: int, device: torch.device) -> Tensor | None:
+        """(H, Lq, Lk) additive score bias of queries offset..offset+Lq-1 over keys 0..Lk-1, or None."""
+        return None
+
+    def lookup_parameters(self) -> int:
+        """How many of the method's parameters are a table lookup (no matrix product, so no FLOPs)."""
+        return 0
+
+    def reset_parameters(self) -> None:
+        """The method's own initialisation, after the model's GPT-2 one has touched every table."""
 
 
 class NoPosition(PositionMethod):
@@ -113,8 +141,12 @@ class ALiBi(PositionMethod):
             # Fixed, as in the paper; persistent so a checkpoint records exactly what was used.
             self.register_buffer("slopes", slopes)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int, backend: str) -> Tensor:
-        return attention(q, k, v, slopes=self.slopes, causal=True, q_offset=offset, backend=backend)
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> ALiBi:
+        return cls(cfg.n_heads, rule=cfg.slope_rule, max_bias=cfg.alibi_max_bias, trainable=cfg.trainable_slopes)
+
+    def attention_slopes(self) -> Tensor:
+        return self.slopes
 
 
 def sinusoid_table(positions: Tensor, dim: int) -> Tensor:
@@ -137,10 +169,15 @@ class Sinusoidal(PositionMethod):
     down keeps fairseq's ratio of token to position signal."""
 
     name = "sinusoidal"
+    absolute = True
 
     def __init__(self, d_model: int):
         super().__init__()
         self.d_model = d_model
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Sinusoidal:
+        return cls(cfg.d_model)
 
     def embed(self, x: Tensor, offset: int) -> Tensor:
         positions = torch.arange(offset, offset + x.shape[1], device=x.device)
@@ -152,11 +189,19 @@ class Learned(PositionMethod):
     """`learned`: a trained table of max_len vectors (GPT-2); it cannot go beyond max_len."""
 
     name = "learned"
+    absolute = True
 
     def __init__(self, d_model: int, max_len: int):
         super().__init__()
         self.max_positions = max_len
         self.table = nn.Embedding(max_len, d_model)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Learned:
+        return cls(cfg.d_model, cfg.max_len)
+
+    def lookup_parameters(self) -> int:
+        return self.table.weight.numel()
 
     def embed(self, x: Tensor, offset: int) -> Tensor:
         end = offset + x.shape[1]
@@ -181,6 +226,10 @@ class Rotary(PositionMethod):
             raise ValueError(f"rotary positions need an even head dimension, got {head_dim}")
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Rotary:
+        return cls(cfg.head_dim, cfg.rotary_base)
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x1, x2 = x.float().chunk(2, dim=-1)
@@ -216,6 +265,7 @@ class T5Bias(PositionMethod):
     shared by all layers as in T5."""
 
     name = "t5"
+    score_bias = True
 
     def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128):
         super().__init__()
@@ -223,31 +273,22 @@ class T5Bias(PositionMethod):
         self.max_distance = max_distance
         self.table = nn.Embedding(num_buckets, n_heads)
 
-    def bias(self, n_queries: int, n_keys: int, offset: int, device: torch.device) -> Tensor:
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> T5Bias:
+        return cls(cfg.n_heads, cfg.t5_num_buckets, cfg.t5_max_distance)
+
+    def attention_bias(self, n_queries: int, n_keys: int, offset: int, device: torch.device) -> Tensor:
         q_pos = torch.arange(offset, offset + n_queries, device=device)
         k_pos = torch.arange(n_keys, device=device)
         buckets = t5_buckets(k_pos[None, :] - q_pos[:, None], self.num_buckets, self.max_distance, True)
         return self.table(buckets).permute(2, 0, 1)  # (H, Lq, Lk)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, offset: int, backend: str) -> Tensor:
-        # The bias is a learned (H, Lq, Lk) tensor that no kernel can compute in place, and building it
-        # goes through int64 buckets of every (query, key) pair: at 16k tokens tens of GiB. Queries are
-        # taken in chunks whose bias stays under T5_CHUNK_ELEMENTS; a chunk reads only the keys up to
-        # its last query (causal). Typical training shapes (up to 12 heads at 1k, 8 at 2k) fit one chunk.
-        def attend(q_part: Tensor, k_part: Tensor, v_part: Tensor, start: int, end: int) -> Tensor:
-            bias = self.bias(end - start, k_part.shape[2], offset + start, q.device).to(q.dtype)
-            return attention(q_part, k_part, v_part, causal=True, q_offset=offset + start, backend=backend,
-                             bias=bias)
-
-        rows = max(1, T5_CHUNK_ELEMENTS // (q.shape[1] * k.shape[2]))
-        return attend_in_query_chunks(q, k, v, rows=rows, q_offset=offset, causal=True, attend=attend)
+    def reset_parameters(self) -> None:
+        # a zero bias at the start: every method begins as the plain causal attention of `none`
+        nn.init.zeros_(self.table.weight)
 
 
-#: the most bias elements (heads x queries x keys) T5Bias builds at once
-T5_CHUNK_ELEMENTS = 1 << 25
-
-
-#: position name -> class; `model.build_position` constructs them from a ModelConfig
+#: position name -> class; `build_position` constructs them from a ModelConfig
 POSITIONS: dict[str, type[PositionMethod]] = {
     "alibi": ALiBi,
     "sinusoidal": Sinusoidal,
@@ -256,3 +297,8 @@ POSITIONS: dict[str, type[PositionMethod]] = {
     "t5": T5Bias,
     "none": NoPosition,
 }
+
+
+def build_position(cfg: ModelConfig) -> PositionMethod:
+    """The position method `cfg.position` names, built from the config's fields."""
+    return POSITIONS[cfg.position].from_config(cfg)

@@ -44,8 +44,8 @@ from alibi_lm.checkpoint import (
 from alibi_lm.config import CUDA_GRAPH_MODES, TrainConfig
 from alibi_lm.data import batch_rows, gather_windows, load_tokens, prepare, read_meta, window_starts
 from alibi_lm.errors import UserError
-from alibi_lm.model import ModelConfig, TransformerLM, perplexity, token_nll
-from alibi_lm.positions import Learned
+from alibi_lm.model import TransformerLM, perplexity, token_nll
+from alibi_lm.model_config import ModelConfig
 from alibi_lm.tokenizer import load_tokenizer
 
 __all__ = ["TrainResult", "build_optimizer", "flops_per_token", "lr_at", "step_batches", "train", "train_step"]
@@ -77,9 +77,7 @@ def flops_per_token(model: TransformerLM, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights' matmuls forward and backward (N counts the
     output layer, not a learned position table, which is a lookup), plus 12 * layers * L * d for
     the attention scores and weighted sum (the PaLM-appendix count, no causal discount)."""
-    n = model.num_parameters()
-    if isinstance(model.position, Learned):
-        n -= model.position.table.weight.numel()
+    n = model.num_parameters() - model.position.lookup_parameters()
     if not model.cfg.tie_embeddings:
         n -= model.embed.weight.numel()  # the input embedding is a lookup; the untied head is a matmul
     return 6.0 * n + 12.0 * model.cfg.n_layers * seq_len * model.cfg.d_model
