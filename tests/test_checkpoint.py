@@ -39,6 +39,21 @@ def test_round_trip_gives_identical_logits(tmp_path, tie):
     assert ("lm_head.weight" in load_file(str(path / "model.safetensors"))) == (not tie)
 
 
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    """safetensors writes 0600; a checkpoint on a shared machine must be readable as the umask allows."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_model_checkpoint(tmp_path / "ck", _model(), train_len=8, tokenizer=Tokenizer.bytes())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
 def test_run_directory_resolves_to_newest_and_prune_keeps_last(tmp_path):
     model = _model()
     for step in (1, 2, 10):

@@ -281,3 +281,41 @@ def test_default_lengths_stop_at_a_learned_models_last_position(tmp_path, capsys
     assert main(["evaluate", str(tmp_path / "ck"), "--data", str(tmp_path / "data"), "--no-progress"]) == 0
     header = capsys.readouterr().out.splitlines()[1]
     assert " 64" in header and " 128" not in header
+
+
+def test_sliding_cost_is_said_before_and_progress_is_plain_lines_in_a_log(checkpoint_and_data, capsys):
+    """`evaluate --mode both` at stride 1 took 23.5 minutes with nothing said beforehand (issue 16): the
+    tokens it reads are printed first, a cheaper stride is suggested, and progress written to a file
+    (not a terminal) is a few plain lines with the time left, not a tqdm redraw per batch."""
+    from alibi_lm.cli import main
+    from alibi_lm.data import load_tokens
+    from alibi_lm.evaluate import forward_tokens, plan_windows
+
+    ckpt, data = checkpoint_and_data
+    n = len(load_tokens(data, "test"))
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--lengths", "64", "--mode", "sliding"]) == 0
+    err = capsys.readouterr().err
+    sliding = forward_tokens(n, 64, "sliding", 1)
+    assert sliding == sum(w.length for w in plan_windows(n, 64, "sliding", 1)) > 30 * (n - 1)
+    assert f"reads {sliding:,} tokens" in err and "--stride 8 reads" in err, err
+    progress = [line for line in err.splitlines() if line.startswith("sliding L=64")]
+    assert 1 <= len(progress) <= 3 and "done in" in progress[-1] and "\r" not in err, err
+
+
+@pytest.mark.parametrize("n_tokens, length, mode, stride", [(2, 5, "sliding", 1), (100, 16, "sliding", 1),
+                                                            (100, 16, "sliding", 5), (101, 16, "sliding", 16),
+                                                            (1000, 64, "nonoverlapping", 1), (17, 16, "sliding", 3)])
+def test_forward_tokens_is_the_planned_windows_length(n_tokens, length, mode, stride):
+    from alibi_lm.evaluate import forward_tokens, plan_windows
+
+    assert forward_tokens(n_tokens, length, mode, stride) == sum(
+        w.length for w in plan_windows(n_tokens, length, mode, stride))
+
+
+def test_an_unknown_split_lists_the_splits(checkpoint_and_data, capsys):
+    from alibi_lm.cli import main
+
+    ckpt, data = checkpoint_and_data
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--split", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train, valid, test" in err, err

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from alibi_lm.errors import UserError
-from alibi_lm.plots import FORMAT, load_results, plot_results, results_table
+from alibi_lm.files import RESULTS_FORMAT as FORMAT
+from alibi_lm.plots import load_results, plot_results, results_table
 
 
 def fake_result(label: str, ppls: dict[int, float], train_len: int = 64, sliding: dict[int, float] | None = None):
@@ -100,6 +101,27 @@ def test_output_without_an_image_suffix_or_a_directory_is_a_user_error(tmp_path,
         assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err, captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
     assert main(["plot", str(path), "-o", str(tmp_path / "ok.SVG")]) == 0
+
+
+@pytest.mark.parametrize("suffix", ["png", "pdf", "svg", "jpg"])
+def test_plot_never_overwrites_a_file_it_did_not_write(tmp_path, capsys, suffix):
+    """`cp corpus.txt keep.png; alibi-lm plot ev.json -o keep.png` lost the text (issue 16): any file that
+    is not an earlier figure of ours is refused, one line, exit 2; our own figure is replaced."""
+    from alibi_lm.cli import main
+
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(fake_result("alibi", {64: 30.0, 128: 28.0})))
+    keep = tmp_path / f"keep.{suffix}"
+    keep.write_text("a corpus that must survive\n")
+    assert main(["plot", str(path), "-o", str(keep)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "is not an alibi-lm figure" in captured.err, captured.err
+    assert keep.read_text() == "a corpus that must survive\n"
+    mine = tmp_path / f"mine.{suffix}"
+    assert main(["plot", str(path), "-o", str(mine)]) == 0
+    first = mine.stat().st_mtime_ns
+    assert main(["plot", str(path), "-o", str(mine)]) == 0  # an earlier figure of ours is replaced
+    assert mine.stat().st_mtime_ns >= first and mine.stat().st_size > 1000
 
 
 @pytest.mark.parametrize(("evaluations", "message"), [

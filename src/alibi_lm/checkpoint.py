@@ -14,7 +14,6 @@ meta.json, so a truncated or corrupted file is reported instead of loaded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,11 +28,13 @@ import torch
 from torch import nn
 
 from alibi_lm.errors import UserError
-from alibi_lm.model import ModelConfig, TransformerLM
+from alibi_lm.files import FOLDER_KINDS, folder_kind, read_json, shareable
+from alibi_lm.model import TransformerLM
+from alibi_lm.model_config import ModelConfig
 from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Checkpoint", "clear_partial_writes", "latest_checkpoint", "load_checkpoint", "prune_checkpoints",
-           "read_checkpoint_meta", "replace_dir", "save_model_checkpoint", "unwrap_model", "write_json"]
+           "read_checkpoint_meta", "replace_dir", "save_model_checkpoint", "unwrap_model"]
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -94,20 +95,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json(path: str | Path, data) -> None:
-    """Write `data` as indented JSON to `path` through a sibling temp file, so that a reader never
-    sees half a file (evaluation results, the demo summary)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        tmp.replace(path)
-    except OSError as error:  # report the user's path, not the temporary one
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def replace_dir(new: Path, target: Path) -> None:
@@ -171,6 +158,7 @@ def write_checkpoint(directory: str | Path, *, state: dict[str, torch.Tensor], c
                 "tokenizer": tokenizer.kind if tokenizer is not None else None}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         _fsync_file(tmp / "meta.json")
+        shareable(tmp)  # save_file writes 0600: others on the machine could not read the weights
         _fsync_dir(tmp)
         replace_dir(tmp, directory)
     except BaseException:
@@ -250,11 +238,12 @@ def read_checkpoint_meta(path: str | Path, *, verify: bool = True, skip: Collect
     if not meta_path.is_file():
         raise UserError(f"{path} is not a checkpoint: meta.json is missing")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"corrupt checkpoint {path}: meta.json is not valid JSON ({error})") from None
+        meta = read_json(meta_path, "its")
+    except UserError as error:
+        raise UserError(f"corrupt checkpoint {path}: {error}") from None
     if not isinstance(meta, dict) or "model" not in meta:
-        kind = " (a prepared data directory)" if isinstance(meta, dict) and "splits" in meta else ""
+        kind = folder_kind(path)
+        kind = f" ({FOLDER_KINDS[kind]})" if kind in FOLDER_KINDS else ""
         raise UserError(f"{path} is not a checkpoint{kind}: its meta.json has no model config; give a checkpoint "
                         "or a run directory")
     if meta.get("format_version") != FORMAT_VERSION:

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from alibi_lm.errors import UserError, closest_match_hint
-from alibi_lm.tokenizer import KINDS, Tokenizer, load_tokenizer, train_tokenizer
+from alibi_lm.files import folder_kind, read_json
+from alibi_lm.tokenizer import KINDS, Tokenizer, train_tokenizer
 
 __all__ = ["CORPORA", "SPLITS", "batch_rows", "load_tokens", "prepare", "read_meta", "window_starts"]
 
@@ -278,7 +279,7 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_s
 
 def _holds_a_model(directory: Path) -> bool:
     # a checkpoint's weights, or a run folder's checkpoints: --overwrite of prepared data must not reach them
-    return (directory / "model.safetensors").exists() or (directory / "checkpoints").is_dir()
+    return (directory / "model.safetensors").exists() or folder_kind(directory) in ("checkpoint", "run")
 
 
 def _write_prepared(out: Path, tok: Tokenizer, corpus: Corpus, source: str, dtype: np.dtype, progress: bool) -> dict:
@@ -307,10 +308,7 @@ def read_meta(prepared_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{prepared_dir} is not a prepared data directory (no meta.json); "
                         f"run `alibi-lm prepare SOURCE -o {prepared_dir}` first")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"corrupt {path}: {error}") from None
+    meta = read_json(path, "prepared data's metadata")
     if not isinstance(meta, dict):
         raise UserError(f"{path} is not the metadata of prepared data; run `alibi-lm prepare` for it")
     if "model" in meta and "splits" not in meta:  # checkpoints have a meta.json too
@@ -339,10 +337,6 @@ def load_tokens(prepared_dir: str | Path, split: str) -> np.memmap:
     if info["tokens"] == 0:
         raise UserError(f"the {split} split of {prepared_dir} is empty")
     return np.memmap(path, dtype=dtype, mode="r", shape=(info["tokens"],))
-
-
-def load_prepared_tokenizer(prepared_dir: str | Path) -> Tokenizer:
-    return load_tokenizer(prepared_dir)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,11 +47,12 @@ def run_demo(out_dir: str | Path = "alibi-demo", *, steps: int | None = None, qu
     """Run the demo into `out_dir` and return its summary (also written to `out_dir/demo.json`):
     {"train_len", "steps", "ppl": {position: {length: ppl}}, "ratio_8x": {position: ppl(8L) / ppl(L)},
      "alibi_flat": bool, "sinusoidal_rises": bool, "seconds": ...}."""
-    from alibi_lm.checkpoint import load_checkpoint, write_json
+    from alibi_lm.checkpoint import load_checkpoint
     from alibi_lm.config import load_config
     from alibi_lm.data import load_tokens, prepare, read_meta
     from alibi_lm.distributed import pick_device
     from alibi_lm.evaluate import evaluate_model
+    from alibi_lm.files import write_json
     from alibi_lm.plots import plot_results, results_table
     from alibi_lm.train import train
 

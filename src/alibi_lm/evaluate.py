@@ -28,26 +28,28 @@ business (the fused ALiBi kernel and SDPA's flash path are linear in L).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from alibi_lm.data import gather_windows
+from alibi_lm.checkpoint import Checkpoint
+from alibi_lm.data import gather_windows, read_meta
 from alibi_lm.errors import UserError
+from alibi_lm.files import RESULTS_FORMAT, read_json_or_none
 from alibi_lm.model import TransformerLM, inference_autocast_dtype, perplexity, token_nll
+from alibi_lm.progress import progress_bar
+from alibi_lm.tokenizer import load_tokenizer
 
-__all__ = ["MODES", "RESULTS_FORMAT", "default_lengths", "evaluate_lengths", "evaluate_model", "plan_windows",
-           "window_nll"]
+__all__ = ["MODES", "RESULTS_FORMAT", "check_same_tokenizer", "default_lengths", "evaluate_lengths", "evaluate_model",
+           "find_data_dir", "fit_lengths", "forward_tokens", "plan_windows", "window_nll"]
 
 MODES = ("nonoverlapping", "sliding")
-#: the "format" field of a results document (what `alibi-lm plot` reads; plots.FORMAT is the same)
-RESULTS_FORMAT = "alibi-lm-eval"
 
 #: logits are scored in slices of this many positions, to bound the float32 copy in token_nll
 _NLL_SLICE = 2048
@@ -84,6 +86,16 @@ def plan_windows(n_tokens: int, length: int, mode: str, stride: int = 1) -> list
     return windows
 
 
+def forward_tokens(n_tokens: int, length: int, mode: str, stride: int = 1) -> int:
+    """The tokens the model reads to score an N-token split at `length` (the sum of the window lengths of
+    `plan_windows`, without building them): N - 1 for nonoverlapping windows, about (N / stride) * L for
+    sliding ones, which is what makes stride 1 at long L expensive."""
+    targets = n_tokens - 1
+    if mode == "nonoverlapping" or targets <= length:
+        return max(targets, 0)
+    return length + math.ceil((targets - length) / stride) * length
+
+
 def window_nll(model: TransformerLM, inputs: Tensor, targets: Tensor, scored: int) -> Tensor:
     """NLL (B, scored) of the last `scored` predictions of a batch of windows (B, L), float32."""
     first = inputs.shape[1] - scored
@@ -109,10 +121,8 @@ def _as_array(tokens) -> np.ndarray:
 
 
 def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: str, stride: int,
-                  max_batch_tokens: int, progress: bool, word_count: int | None,
-                  on_batch: Callable[[int], None] | None) -> dict:
-    from tqdm.auto import tqdm
-
+                  max_batch_tokens: int, word_count: int | None, bar, on_batch: Callable[[int], None] | None
+                  ) -> dict:
     device = next(model.parameters()).device
     windows = plan_windows(len(tokens), length, mode, stride)
     batch_size = max(1, max_batch_tokens // length)
@@ -120,15 +130,12 @@ def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: s
     groups: dict[tuple[int, int], list[Window]] = {}
     for w in windows:
         groups.setdefault((w.length, w.scored), []).append(w)
-    n_batches = sum(math.ceil(len(ws) / batch_size) for ws in groups.values())
 
     nll_sum = 0.0
     scored_total = 0
     position_sum = np.zeros(length, dtype=np.float64)
     position_count = np.zeros(length, dtype=np.int64)
     started = time.perf_counter()
-    bar = tqdm(total=n_batches, desc=f"{mode} L={length}", unit="batch", disable=not progress, leave=False,
-               file=sys.stderr)
     with torch.inference_mode(), _autocast(device, model):
         for (win_len, scored), group in groups.items():
             for i in range(0, len(group), batch_size):
@@ -141,10 +148,9 @@ def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: s
                 first = win_len - scored
                 position_sum[first:win_len] += nll.sum(0).cpu().numpy()
                 position_count[first:win_len] += nll.shape[0]
-                bar.update(1)
+                bar.update(x.numel())
                 if on_batch is not None:
                     on_batch(nll.numel())
-    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
@@ -173,6 +179,27 @@ def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: s
     return record
 
 
+def _evaluate_plan(model: TransformerLM, array: np.ndarray, plan: Sequence[tuple[str, int, int]], *,
+                   word_count: int | None, max_batch_tokens: int, progress: bool,
+                   on_batch: Callable[[int], None] | None = None) -> list[dict]:
+    """One record per (mode, length, stride) of `plan`, under one progress bar over every forward token
+    of the request, so that its time left covers the whole evaluation. The model is put in eval mode."""
+    total = sum(forward_tokens(len(array), n, mode, stride) for mode, n, stride in plan)
+    was_training = model.training
+    model.eval()
+    records = []
+    bar = progress_bar(total=total, unit="tok", unit_scale=True, disable=not progress, leave=False)
+    try:
+        for mode, length, stride in plan:
+            bar.set_description(f"{mode} L={length}")
+            records.append(_evaluate_one(model, array, length, mode, stride, max_batch_tokens, word_count, bar,
+                                         on_batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    return records
+
+
 def evaluate_lengths(
     model: TransformerLM,
     tokens: Sequence[int] | np.ndarray | Tensor,
@@ -198,19 +225,16 @@ def evaluate_lengths(
     if not lengths or any(n < 1 for n in lengths):
         raise UserError(f"evaluation lengths must be positive integers, got {lengths}")
     array = _as_array(tokens)
-    max_position = getattr(model.position, "max_positions", None)
+    max_position = model.position.max_positions
     if max_position is not None and max(lengths) > max_position:
         raise UserError(f"this model's {model.cfg.position} positions stop at {max_position} tokens; "
                         f"drop the lengths above {max_position}")
     if word_count is not None and word_count < 1:
         word_count = None
-    was_training = model.training
-    model.eval()
-    try:
-        records = [_evaluate_one(model, array, n, mode, stride, max_batch_tokens, progress, word_count, on_batch)
-                   for n in lengths]
-    finally:
-        model.train(was_training)
+    for n in lengths:  # every window plan is checked before the first forward pass
+        plan_windows(len(array), n, mode, stride)
+    records = _evaluate_plan(model, array, [(mode, n, stride) for n in lengths], word_count=word_count,
+                             max_batch_tokens=max_batch_tokens, progress=progress, on_batch=on_batch)
     return {"mode": mode, "stride": stride if mode == "sliding" else None, "split_tokens": len(array),
             "words": word_count, "records": records}
 
@@ -240,13 +264,17 @@ def evaluate_model(
     In sliding mode, lengths below the stride use stride = length (a stride cannot exceed the window)."""
     lengths = list(lengths) if lengths else default_lengths(train_len)
     device = next(model.parameters()).device
-    evaluations: list[dict] = []
-    for mode in modes:
-        for length in lengths:
-            step = min(stride, length) if mode == "sliding" else 1
-            out = evaluate_lengths(model, tokens, [length], mode=mode, stride=step, word_count=word_count,
-                                   max_batch_tokens=max_batch_tokens, progress=progress)
-            evaluations += out["records"]
+    array = _as_array(tokens)
+    plan = [(mode, n, min(stride, n) if mode == "sliding" else 1) for mode in modes for n in lengths]
+    for mode, n, step in plan:
+        if mode not in MODES:
+            raise UserError(f"unknown evaluation mode {mode!r}; valid: {', '.join(MODES)}")
+        plan_windows(len(array), n, mode, step)
+    if model.position.max_positions is not None and max(lengths) > model.position.max_positions:
+        raise UserError(f"this model's {model.cfg.position} positions stop at {model.position.max_positions} "
+                        f"tokens; drop the lengths above it")
+    evaluations = _evaluate_plan(model, array, plan, word_count=word_count if word_count else None,
+                                 max_batch_tokens=max_batch_tokens, progress=progress)
     return {
         "format": RESULTS_FORMAT,
         "format_version": 1,
@@ -255,7 +283,7 @@ def evaluate_model(
         "train_len": train_len,
         "model": model.cfg.to_dict(),
         "parameters": model.num_parameters(),
-        "split_tokens": len(_as_array(tokens)),
+        "split_tokens": len(array),
         "words": word_count,
         "device": str(device) if device.type != "cuda" else f"{device} {torch.cuda.get_device_name(device)}",
         "torch": torch.__version__,
@@ -263,3 +291,63 @@ def evaluate_model(
         **(extra or {}),
         "evaluations": evaluations,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# what a checkpoint is evaluated on (the `alibi-lm evaluate` command's decisions)
+
+
+def fit_lengths(asked: Sequence[int] | None, train_len: int, n_tokens: int, max_positions: int | None
+                ) -> tuple[list[int], list[int]]:
+    """(lengths to evaluate, lengths skipped): those asked for (default L..16L) that the split can fill.
+    A window longer than the split scores the same tokens as one of exactly its length, so it is
+    skipped; the default range stops where a model with absolute positions (`learned`) stops."""
+    lengths = list(asked) if asked is not None else default_lengths(train_len)
+    if asked is None and max_positions is not None:
+        lengths = [n for n in lengths if n <= max_positions]
+    predictions = n_tokens - 1
+    too_long = [n for n in lengths if n > predictions]
+    kept = [n for n in lengths if n <= predictions]
+    if too_long and not kept:
+        raise UserError(f"every evaluation length ({', '.join(map(str, too_long))}) is longer than the "
+                        f"{predictions:,} predictions of the evaluated tokens; "
+                        + (f"use --lengths up to {predictions}" if predictions > 0
+                           else "evaluate at least 2 tokens (--max-tokens)"))
+    return kept, too_long
+
+
+def find_data_dir(checkpoint: Checkpoint) -> Path | None:
+    """The prepared directory a checkpoint was trained on: from its metadata, or the run's config.json."""
+    meta, path = checkpoint.meta, checkpoint.path
+    candidates = [meta.get("data_path"), (meta.get("train_config") or {}).get("data", {}).get("path")]
+    for config_file in (path / "config.json", path.parent / "config.json", path.parent.parent / "config.json"):
+        config = read_json_or_none(config_file) if config_file.is_file() else None
+        if isinstance(config, dict) and isinstance(config.get("data"), dict):
+            candidates.append(config["data"].get("path"))
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "meta.json").is_file():
+            return Path(candidate)
+    return None
+
+
+def check_same_tokenizer(checkpoint: Checkpoint, data_dir: Path) -> dict:
+    """The data's meta.json, once it is clear that the data was tokenized as the model reads text: the
+    same tokenizer where the data has its tokenizer.json (what they do, not only their names), else the
+    same kind and vocabulary size as its meta.json says; and no id past the model's vocabulary."""
+    data_meta = read_meta(data_dir)
+    tok = checkpoint.tokenizer
+    if tok is not None:
+        if (data_dir / "tokenizer.json").is_file():
+            data_tok = load_tokenizer(data_dir)
+            data_kind, data_size, same = data_tok.kind, data_tok.vocab_size, tok.encodes_like(data_tok)
+        else:
+            data_kind, data_size = data_meta.get("tokenizer"), data_meta["vocab_size"]
+            same = (tok.kind, tok.vocab_size) == (data_kind, data_size)
+        if not same:
+            raise UserError(f"{data_dir} was prepared with another tokenizer ({data_kind}, {data_size} tokens) than "
+                            f"the one {checkpoint.path} uses ({tok.kind}, {tok.vocab_size}); evaluate on data "
+                            "prepared with the model's tokenizer")
+    if data_meta["vocab_size"] > checkpoint.config.vocab_size:
+        raise UserError(f"{data_dir} has a vocabulary of {data_meta['vocab_size']} but the model only "
+                        f"{checkpoint.config.vocab_size}: it was prepared with another tokenizer")
+    return data_meta

@@ -14,20 +14,19 @@ the first positions have little context, so their loss is high whatever the meth
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alibi_lm.errors import UserError
+from alibi_lm.files import RESULTS_FORMAT, check_output_file, read_json
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["FORMAT", "check_image_path", "load_results", "plot_results", "results_table", "series"]
+__all__ = ["PLOT_MARK", "check_image_path", "is_plot_file", "load_results", "plot_results", "results_table", "series"]
 
-FORMAT = "alibi-lm-eval"
 
 
 def load_results(paths: Sequence[str | Path]) -> list[dict]:
@@ -36,14 +35,9 @@ def load_results(paths: Sequence[str | Path]) -> list[dict]:
     results = []
     for path in paths:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"results file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UserError(f"cannot read {path} as JSON ({error}); pass files written by `alibi-lm evaluate -o`") \
-                from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("evaluations"), list):
+        data = read_json(path, "results file")
+        if (not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT
+                or not isinstance(data.get("evaluations"), list)):
             raise UserError(f"{path} is not an alibi-lm evaluation results file (written by `alibi-lm evaluate -o`)")
         if not data["evaluations"]:
             raise UserError(f"{path} holds no evaluations: nothing to plot")
@@ -116,18 +110,39 @@ def _result_problem(data: dict) -> str | None:
     return None
 
 
+#: written into the metadata of every figure `plot_results` saves, so that `alibi-lm plot -o` can tell
+#: its own earlier figures (replaced) from any other file (never overwritten)
+PLOT_MARK = "alibi-lm plot"
+#: the metadata key each format keeps the mark under (matplotlib's savefig(metadata=...)); formats
+#: without one (raw, rgba, gif, tiff, webp...) carry no mark, so an existing file of theirs is refused
+_MARK_KEYS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "ps": "Creator", "eps": "Creator"}
+#: figures are small; a larger file is certainly not one
+_MAX_FIGURE_BYTES = 64 << 20
+
+
+def is_plot_file(path: str | Path) -> bool:
+    """Whether `path` is a figure that `plot_results` wrote (it carries PLOT_MARK in its metadata)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_FIGURE_BYTES:
+            return False
+        return PLOT_MARK.encode() in path.read_bytes()
+    except OSError:
+        return False
+
+
 def check_image_path(out_path: str | Path) -> Path:
-    """`out_path` if matplotlib can write an image there by its suffix, else a UserError."""
+    """`out_path` if matplotlib can write an image there by its suffix and it is new or an earlier
+    figure of ours (any other file, a corpus named keep.png say, is never overwritten), else a
+    UserError. Folders up to it are created."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     out_path = Path(out_path)
     formats = FigureCanvasBase.get_supported_filetypes()
-    if out_path.is_dir():
-        raise UserError(f"{out_path} is a directory; give an image file name such as {out_path / 'ppl.png'}")
-    if out_path.suffix.lower().lstrip(".") not in formats:
+    if not out_path.is_dir() and out_path.suffix.lower().lstrip(".") not in formats:
         raise UserError(f"cannot tell the image format of {out_path}: end the name with .png, .pdf or .svg "
                         f"(or one of {', '.join('.' + f for f in sorted(formats))})")
-    return out_path
+    return check_output_file(out_path, option="-o", kind="figure", ours=is_plot_file, example="ppl.png")
 
 
 def _metric(record: dict, metric: str) -> float | None:
@@ -239,7 +254,11 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
         ax2.legend(fontsize=8)
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=dpi)
+    suffix = out_path.suffix.lower().lstrip(".")
+    marked: dict = {"metadata": {_MARK_KEYS[suffix]: PLOT_MARK}} if suffix in _MARK_KEYS else {}
+    if suffix in ("jpg", "jpeg"):  # Pillow writes JPEG metadata as a comment
+        marked = {"pil_kwargs": {"comment": PLOT_MARK}}
+    fig.savefig(out_path, dpi=dpi, **marked)
     return drawn
 
 
