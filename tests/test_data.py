@@ -2,6 +2,7 @@
 
 import json
 import lzma
+import re
 
 import numpy as np
 import pytest
@@ -173,3 +174,22 @@ def test_prepare_never_writes_among_other_files(tmp_path):
     # an empty folder, or one left with only hidden files, is fine
     (tmp_path / "empty" / ".cache").mkdir(parents=True)
     assert prepare(str(out / "notes.txt"), tmp_path / "empty", tokenizer="bytes", progress=False)["vocab_size"] > 0
+
+
+@pytest.mark.parametrize(("source", "args", "message"), [
+    ("embedded", {"valid_fraction": 1.5}, "--valid-fraction must be a share of the lines between 0 and 0.5"),
+    ("embedded", {"test_fraction": 0.0}, "--test-fraction must be a share"),
+    ("wikitext-2", {"test_fraction": 0.1}, "own train/valid/test splits; leave out --test-fraction"),
+])
+def test_held_out_shares_are_checked_for_every_source(tmp_path, source, args, message):
+    """`prepare embedded --valid-fraction 1.5` exited 0 with the default split (issue 16)."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        prepare(source, tmp_path / "out", tokenizer="bytes", progress=False, **args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedded_takes_the_held_out_shares(tmp_path):
+    small = prepare("embedded", tmp_path / "a", tokenizer="bytes", progress=False, valid_fraction=0.01)
+    default = prepare("embedded", tmp_path / "b", tokenizer="bytes", progress=False)
+    assert small["splits"]["valid"]["lines"] < default["splits"]["valid"]["lines"] / 3
+    assert small["splits"]["test"]["lines"] == default["splits"]["test"]["lines"]

@@ -131,12 +131,12 @@ def _wikitext(name: str, data_dir: Path | None) -> Corpus:
     return corpus
 
 
-def _embedded() -> Corpus:
+def _embedded(valid_fraction: float, test_fraction: float) -> Corpus:
     from pydoc_data.topics import topics
 
     # Sorted by topic name: the text is the same for every run of one Python version.
     text = "".join(topics[key].rstrip() + "\n\n" for key in sorted(topics))
-    corpus = _held_out_tail(text)
+    corpus = _held_out_tail(text, valid_fraction, test_fraction)
     corpus.sources = [{"path": "python:pydoc_data.topics", "python": sys.version.split()[0],
                        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "bytes": len(text.encode())}]
     return corpus
@@ -166,20 +166,43 @@ def _text_files(directory: Path) -> list[Path]:
     return files
 
 
-def read_corpus(source: str, *, data_dir: str | Path | None = None, valid_fraction: float = 0.05,
-                test_fraction: float = 0.05) -> Corpus:
-    """The text of each split of `source`: a named corpus, a text file, or a directory of them."""
+#: the share of lines held out for valid and for test, each, where a corpus has no splits of its own
+DEFAULT_HELD_OUT = 0.05
+
+
+def _check_fractions(source: str, valid_fraction: float | None, test_fraction: float | None) -> tuple[float, float]:
+    """The held-out shares to use; None is the default. A named corpus with its own splits takes none
+    (a share given for it would silently be ignored), and a share outside (0, 0.5) is refused."""
+    if source in ("wikitext-2", "wikitext-103"):
+        given = [name for name, value in (("valid", valid_fraction), ("test", test_fraction)) if value is not None]
+        if given:
+            raise UserError(f"{source} comes with its own train/valid/test splits; leave out "
+                            f"{' and '.join(f'--{name}-fraction' for name in given)}")
+    shares = []
+    for name, value in (("valid", valid_fraction), ("test", test_fraction)):
+        value = DEFAULT_HELD_OUT if value is None else value
+        if not 0 < value < 0.5:
+            raise UserError(f"--{name}-fraction must be a share of the lines between 0 and 0.5 (e.g. 0.05), "
+                            f"got {value}")
+        shares.append(value)
+    return shares[0], shares[1]
+
+
+def read_corpus(source: str, *, data_dir: str | Path | None = None, valid_fraction: float | None = None,
+                test_fraction: float | None = None) -> Corpus:
+    """The text of each split of `source`: a named corpus, a text file, or a directory of them. Plain
+    text and `embedded` hold out their last lines: `valid_fraction` for valid, then `test_fraction` for
+    test (default 0.05 each); WikiText has its own splits and takes neither."""
+    valid_fraction, test_fraction = _check_fractions(source, valid_fraction, test_fraction)
     if source in ("wikitext-2", "wikitext-103"):
         return _wikitext(source, Path(data_dir) if data_dir else None)
     if source == "embedded":
-        return _embedded()
+        return _embedded(valid_fraction, test_fraction)
     path = Path(source)
     if not path.exists():
         hint = closest_match_hint(source, CORPORA)
         raise UserError(f"no such file or corpus: {source}{hint}; give a text file, a directory or one of "
                         f"{', '.join(CORPORA)}")
-    if not 0 < valid_fraction < 0.5 or not 0 < test_fraction < 0.5:
-        raise UserError("valid and test fractions must each be in (0, 0.5)")
     files = _text_files(path) if path.is_dir() else [path]
     texts, sources = [], []
     for file in files:
@@ -225,8 +248,8 @@ def _encode_to_file(tokenizer: Tokenizer, text: str, path: Path, dtype: np.dtype
 
 
 def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "bpe", vocab_size: int = 8192,
-            data_dir: str | Path | None = None, min_freq: int = 1, valid_fraction: float = 0.05,
-            test_fraction: float = 0.05, progress: bool = True, overwrite: bool = False) -> dict:
+            data_dir: str | Path | None = None, min_freq: int = 1, valid_fraction: float | None = None,
+            test_fraction: float | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Tokenize `source` into `out_dir`; return the metadata written to `out_dir/meta.json`:
     {"format_version": 1, "tokenizer": kind, "vocab_size", "dtype": "uint16" | "uint32",
      "splits": {split: {"file", "tokens", "words", "whitespace_words", "lines"}}, "sources": [...]}.

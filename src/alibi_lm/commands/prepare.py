@@ -36,10 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="word tokenizer: words seen fewer times become <unk> (default: 1)")
     parser.add_argument("--data-dir", default=None,
                         help="folder holding wikitext-2/ and wikitext-103/ (default: ../shared/data if it exists)")
-    parser.add_argument("--valid-fraction", type=float, default=0.05,
-                        help="held-out share of lines for valid, plain files only (default: 0.05)")
-    parser.add_argument("--test-fraction", type=float, default=0.05,
-                        help="held-out share of lines for test, plain files only (default: 0.05)")
+    parser.add_argument("--valid-fraction", type=float, default=None,
+                        help="held-out share of lines for valid, in (0, 0.5); text files and embedded only "
+                             "(default: 0.05)")
+    parser.add_argument("--test-fraction", type=float, default=None,
+                        help="held-out share of lines for test, in (0, 0.5); text files and embedded only "
+                             "(default: 0.05)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the prepared data already in the output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
