@@ -1,6 +1,8 @@
 """Config: presets load and build, overrides are typed by the field, unknown keys name the nearest."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -96,3 +98,21 @@ def test_printed_config_reads_back_as_the_same_config(tmp_path, name):
     path = tmp_path / "printed.toml"
     path.write_text(to_toml(cfg))
     assert load_config(str(path)).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(("override", "hint"), [
+    ("optim.lerning_rate=1", '"lr"'), ("optim.weight_dcay=1", '"weight_decay"'), ("model.n_layer=2", '"n_layers"'),
+    ("run.max_iter=5", '"steps"'), ("run.zzz=1", "[run] has out_dir, steps")])
+def test_unknown_key_points_at_the_key_meant(override, hint):
+    """difflib alone cannot get from lerning_rate to lr (issue 16): other libraries' names are aliases."""
+    with pytest.raises(UserError, match=re.escape(hint)):
+        load_config("tiny", [override])
+
+
+def test_every_alias_names_a_real_key():
+    from alibi_lm.config import KEY_ALIASES, SECTIONS
+
+    for section, aliases in KEY_ALIASES.items():
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        assert set(aliases.values()) <= fields, section
+        assert not set(aliases) & fields, section

@@ -243,10 +243,32 @@ def _convert(value: Any, annotation: Any, name: str) -> Any:
     raise UserError(f"{name} must be {kind}, got {value!r}")
 
 
+#: what other training code (nanoGPT, litgpt, transformers, fairseq) calls some of our keys, for the
+#: "did you mean" of an unknown key
+KEY_ALIASES = {
+    "model": {"n_layer": "n_layers", "num_layers": "n_layers", "n_head": "n_heads", "num_heads": "n_heads",
+              "num_attention_heads": "n_heads", "n_embd": "d_model", "hidden_size": "d_model",
+              "intermediate_size": "d_ff", "ffn_dim": "d_ff", "num_key_value_heads": "n_kv_heads",
+              "positional_encoding": "position", "pos_emb": "position"},
+    "data": {"block_size": "train_len", "seq_len": "train_len", "context_length": "train_len",
+             "tokens_per_sample": "train_len", "gradient_accumulation_steps": "grad_accum", "dataset": "path"},
+    "optim": {"learning_rate": "lr", "max_lr": "lr", "wd": "weight_decay", "clip_grad": "grad_clip",
+              "max_grad_norm": "grad_clip", "clip_norm": "grad_clip", "adam_eps": "eps"},
+    "schedule": {"warmup_iters": "warmup_steps", "warmup_updates": "warmup_steps", "lr_scheduler": "kind",
+                 "min_lr": "min_lr_ratio"},
+    "run": {"max_iters": "steps", "max_steps": "steps", "max_update": "steps", "output_dir": "out_dir",
+            "eval_interval": "eval_every", "save_interval": "checkpoint_every", "log_interval": "log_every",
+            "dtype": "precision"},
+}
+
+
 def _set_field(target: Any, section: str, key: str, value: Any) -> None:
     types_ = _field_types(type(target))
     if key not in types_:
-        raise UserError(f"unknown config key {section}.{key}{closest_match_hint(key, types_)}")
+        hint = closest_match_hint(key, types_, KEY_ALIASES.get(section))
+        if not hint:  # nothing close: the section is short enough to list
+            hint = f"; [{section}] has {', '.join(types_)}"
+        raise UserError(f"unknown config key {section}.{key}{hint}")
     setattr(target, key, _convert(value, types_[key], f"{section}.{key}"))
 
 
