@@ -193,3 +193,13 @@ def test_embedded_takes_the_held_out_shares(tmp_path):
     default = prepare("embedded", tmp_path / "b", tokenizer="bytes", progress=False)
     assert small["splits"]["valid"]["lines"] < default["splits"]["valid"]["lines"] / 3
     assert small["splits"]["test"]["lines"] == default["splits"]["test"]["lines"]
+
+
+def test_the_data_folder_variable_comes_first(tmp_path, monkeypatch):
+    (tmp_path / "mine" / "wikitext-2").mkdir(parents=True)
+    monkeypatch.setenv("ALIBI_LM_DATA", str(tmp_path / "mine"))
+    assert default_data_dir() == (tmp_path / "mine").resolve()
+    with pytest.raises(UserError, match="no wiki.train.tokens"):
+        prepare("wikitext-2", tmp_path / "out", tokenizer="word", progress=False)
+    monkeypatch.setenv("ALIBI_LM_DATA", str(tmp_path / "absent"))  # a missing folder falls through
+    assert default_data_dir() != (tmp_path / "absent").resolve()

@@ -88,10 +88,17 @@ def _read_text(path: Path) -> tuple[str, dict]:
     return text, record
 
 
+#: names the folder that holds wikitext-2/ and wikitext-103/ when --data-dir is not given
+DATA_DIR_VARIABLE = "ALIBI_LM_DATA"
+
+
 def default_data_dir() -> Path | None:
-    """../shared/data from the working directory, else from the repository root, if either exists."""
+    """Where the named corpora are looked for without --data-dir: $ALIBI_LM_DATA, else ../shared/data
+    from the working directory, else ../shared/data beside the source checkout, the first that exists."""
     repository = Path(__file__).resolve().parents[2]  # src/alibi_lm/data.py in a source checkout
     candidates = [Path.cwd() / ".." / "shared" / "data", repository / ".." / "shared" / "data"]
+    if os.environ.get(DATA_DIR_VARIABLE):
+        candidates.insert(0, Path(os.environ[DATA_DIR_VARIABLE]))
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
@@ -112,7 +119,8 @@ def _wikitext(name: str, data_dir: Path | None) -> Corpus:
     hint = (f"prepare it with `alibi-lm prepare {name} --data-dir DIR -o OUT` (DIR: the folder that holds "
             f"{name}/) and set data.path=OUT")
     if data_dir is None:
-        raise UserError(f"{name} needs the shared data folder (../shared/data not found); {hint}")
+        raise UserError(f"{name} needs the folder that holds {name}/ (not given by --data-dir or "
+                        f"${DATA_DIR_VARIABLE}, and no ../shared/data); {hint}")
     directory = data_dir / name
     if not directory.is_dir():
         raise UserError(f"{directory} not found; {hint}")
