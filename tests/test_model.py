@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from alibi_lm import POSITIONS, ModelConfig, TransformerLM, alibi_slopes
+from alibi_lm.errors import UserError
 from alibi_lm.model import perplexity, token_nll
 
 RELATIVE = ["alibi", "rotary", "t5", "none"]
@@ -219,3 +220,26 @@ def test_t5_attention_in_query_chunks_equals_one_bias(offset, n_queries):
     (whole, whole_grad), (chunked, chunked_grad) = results
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("field", ["attn_dropout", "act_dropout"])
+def test_attention_and_activation_dropout_act_in_training_only(field):
+    """The paper's WikiText-103 recipe adds attention and activation dropout (0.1 each) to dropout 0.3."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, n_layers=2, d_model=32, n_heads=4, position="alibi")
+    plain = TransformerLM(ModelConfig(**cfg))
+    dropped = TransformerLM(ModelConfig(**cfg, **{field: 0.5}))
+    dropped.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 40, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(tokens)[0], plain.eval()(tokens)[0])
+        dropped.train()
+        torch.manual_seed(5)
+        a = dropped(tokens)[0]
+        torch.manual_seed(5)
+        b = dropped(tokens)[0]
+        c = dropped(tokens)[0]
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert not torch.allclose(a, plain.eval()(tokens)[0])
+    with pytest.raises(UserError, match=f"model.{field} must be in"):
+        ModelConfig(**cfg, **{field: 1.0}).validate()

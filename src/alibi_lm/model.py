@@ -94,12 +94,14 @@ class Attention(nn.Module):
         q, k = position.rotate(q, k, offset)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
-        out = attend(q, k, v, position, offset, self.cfg.attention_backend, padding_mask)
+        dropout_p = self.cfg.attn_dropout if self.training else 0.0
+        out = attend(q, k, v, position, offset, self.cfg.attention_backend, padding_mask, dropout_p=dropout_p)
         return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: int, backend: str,
-           padding_mask: Tensor | None = None, *, chunk_elements: int = BIAS_CHUNK_ELEMENTS) -> Tensor:
+           padding_mask: Tensor | None = None, *, dropout_p: float = 0.0,
+           chunk_elements: int = BIAS_CHUNK_ELEMENTS) -> Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, K, S, D) with what the position method adds:
     ALiBi's slopes go to the kernel; an additive bias (T5's learned one, a padding mask) is built per
     query chunk, since at 16k tokens a whole (H, T, S) bias and its int64 buckets take tens of GiB; a
@@ -107,7 +109,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: in
     slopes = position.attention_slopes()
     mask = None if padding_mask is None else padding_bias(padding_mask, q.shape[2], offset, q.dtype)
     if mask is None and not position.score_bias:
-        return attention(q, k, v, slopes=slopes, causal=True, q_offset=offset, backend=backend)
+        return attention(q, k, v, slopes=slopes, causal=True, q_offset=offset, backend=backend, dropout_p=dropout_p)
     if backend in ("auto", "triton"):
         backend = "sdpa"  # the fused kernel computes its bias in-kernel and takes no bias tensor
 
@@ -118,7 +120,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: in
             part = mask[..., start:end, : k_part.shape[2]]
             bias = part if bias is None else part + bias
         return attention(q_part, k_part, v_part, slopes=slopes, causal=True, q_offset=offset + start,
-                         backend=backend, bias=bias)
+                         backend=backend, bias=bias, dropout_p=dropout_p)
 
     rows = max(1, chunk_elements // (q.shape[1] * k.shape[2]))
     return attend_in_query_chunks(q, k, v, rows=rows, q_offset=offset, causal=True, attend=attend_chunk)
@@ -131,13 +133,16 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.ff_width * (2 if self.gated else 1), bias=cfg.bias)
         self.down = nn.Linear(cfg.ff_width, cfg.d_model, bias=cfg.bias)
         self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
+        # fairseq's activation_dropout: on the hidden units, between the activation and the down projection
+        # (none at 0, so that a model without it draws from the RNG exactly as before it existed)
+        self.act_dropout = nn.Dropout(cfg.act_dropout) if cfg.act_dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up(x)
         if self.gated:
             gate, value = h.chunk(2, dim=-1)
-            return self.down(F.silu(gate) * value)
-        return self.down(F.gelu(h, approximate=self.approximate))
+            return self.down(self.act_dropout(F.silu(gate) * value))
+        return self.down(self.act_dropout(F.gelu(h, approximate=self.approximate)))
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:

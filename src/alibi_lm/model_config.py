@@ -38,6 +38,10 @@ class ModelConfig:
     d_ff: int | None = None
     #: dropout on embeddings and on each residual branch
     dropout: float = 0.0
+    #: dropout on the attention probabilities (the paper's WikiText-103 recipe: 0.1); training only
+    attn_dropout: float = 0.0
+    #: dropout after the feed-forward activation (fairseq's activation_dropout; the paper: 0.1)
+    act_dropout: float = 0.0
     #: alibi | sinusoidal | learned | rotary | t5 | none
     position: str = "alibi"
     #: size of the `learned` position table (the longest input it can read)
@@ -91,8 +95,10 @@ class ModelConfig:
             raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})")
         if self.ff_width < 1:
             raise UserError(f"model.d_ff must be positive, got {self.d_ff}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attn_dropout", "act_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise UserError(f"model.{name} must be in [0, 1), got {value!r}")
         choices = {"position": POSITION_NAMES, "norm": NORMS, "activation": ACTIVATIONS,
                    "slope_rule": SLOPE_RULE_NAMES, "attention_backend": ATTENTION_BACKENDS}
         for name, valid in choices.items():

@@ -29,6 +29,10 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+#: whether the fused kernels take dropout_p (the in-kernel Philox mask)
+_TRITON_DROPOUT = False
+
+
 def triton_installed() -> bool:
     return _TRITON_INSTALLED
 
@@ -79,10 +83,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, q_offs
         raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
 
 
-def _auto_backend(q: Tensor, slopes: Tensor | None, bias: Tensor | None) -> str:
+def _auto_backend(q: Tensor, slopes: Tensor | None, bias: Tensor | None, dropout_p: float) -> str:
     # Without a bias, torch's SDPA (FlashAttention/cuDNN) is faster than our Triton kernel on the
     # H100 (BENCHMARKS.md), so the fused kernel is used where it wins: whenever there are slopes.
     if slopes is None:
+        return "sdpa"
+    if dropout_p > 0 and not _TRITON_DROPOUT:
         return "sdpa"
     if q.is_cuda and bias is None and q.dtype in _HALF_DTYPES and triton_installed():
         from alibi_lm.kernels.triton_attention import supports
@@ -103,6 +109,7 @@ def attention(
     scale: float | None = None,
     backend: str = "auto",
     bias: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """Scaled dot-product attention with an ALiBi bias (slopes) or none (slopes=None).
 
@@ -111,16 +118,22 @@ def attention(
     fp16/bf16 on CUDA; SDPA otherwise, including plain attention, where it is the faster kernel).
     `bias` is an optional extra additive tensor broadcastable to (B, H, Lq, Lk), for methods whose
     bias is not a function of the positions (T5); the fused kernel does not take one.
-    Returns (B, H, Lq, D) in q's dtype.
+    `dropout_p` drops attention probabilities (kept ones scaled by 1 / (1 - p)); the mask is drawn from
+    torch's generator of q's device at the call, so `torch.manual_seed(s)` before two calls gives the
+    same mask. Pass 0 outside training. Returns (B, H, Lq, D) in q's dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     _check_inputs(q, k, v, slopes, q_offset, bias)
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if backend == "auto":
-        backend = _auto_backend(q, slopes, bias)
+        backend = _auto_backend(q, slopes, bias, dropout_p)
     args = dict(slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
+    if dropout_p > 0:
+        args["dropout_p"] = float(dropout_p)
     if backend == "reference":
         return attention_reference(q, k, v, bias=bias, **args)
     if backend == "sdpa":
@@ -130,6 +143,8 @@ def attention(
                          "use backend='sdpa' or 'reference' with bias")
     if not triton_installed():
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    if dropout_p > 0 and not _TRITON_DROPOUT:
+        raise ValueError("the triton backend has no attention dropout yet; use backend='sdpa' or 'reference'")
     from alibi_lm.kernels.triton_attention import triton_attention
 
     return triton_attention(q, k, v, **args)

@@ -62,11 +62,14 @@ def attention_reference(
     q_offset: int = 0,
     scale: float | None = None,
     bias: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """softmax(q k^T * scale + alibi + bias) v, written out; shapes as in `alibi_lm.attention`.
 
     `bias` is an extra additive term broadcastable to (B, H, Lq, Lk) (T5's learned bias, padding
-    masks). Gradients flow to q, k, v, slopes and bias through autograd."""
+    masks). With `dropout_p`, each probability is kept with probability 1 - p (a uniform draw from
+    torch's default generator of q's device, taken at the call) and scaled by 1 / (1 - p): the
+    expected output is the output without dropout. Gradients flow to q, k, v, slopes and bias."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     n_heads, n_kv_heads = q.shape[1], k.shape[1]
     head_dim = q.shape[-1]
@@ -89,4 +92,7 @@ def attention_reference(
     if bias is not None:
         scores = scores + bias.to(compute)
     probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        keep = torch.rand(probs.shape, device=probs.device, dtype=torch.float32) >= dropout_p
+        probs = probs * keep / (1.0 - dropout_p)
     return torch.einsum("bhij,bhjd->bhid", probs, v).to(q.dtype)

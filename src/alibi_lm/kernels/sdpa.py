@@ -33,11 +33,13 @@ def attention_sdpa(
     q_offset: int = 0,
     scale: float | None = None,
     bias: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     enable_gqa = q.shape[1] != k.shape[1]
     if slopes is None and bias is None and (not causal or q_offset == 0):
         # SDPA's own causal mask is aligned to the top-left corner, which is ours only at offset 0.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=enable_gqa,
+                                              dropout_p=dropout_p)
     # the mask's leading dims: (H) from the slopes, (B, H or 1) from an extra bias, broadcast together
     mask_batch = bias.shape[0] if bias is not None and bias.dim() == 4 else 1
     mask_heads = max(len(slopes) if slopes is not None else 1,
@@ -51,7 +53,7 @@ def attention_sdpa(
         if part is not None:
             part = part[..., start:end, :] if part.shape[-2] != 1 else part
             part = part[..., : k_part.shape[2]] if part.shape[-1] != 1 else part
-        return _masked(q_part, k_part, v_part, slopes, causal, q_offset + start, scale, part, enable_gqa)
+        return _masked(q_part, k_part, v_part, slopes, causal, q_offset + start, scale, part, enable_gqa, dropout_p)
 
     return attend_in_query_chunks(q, k, v, rows=rows, q_offset=q_offset, causal=causal, attend=attend)
 
@@ -74,7 +76,7 @@ def attend_in_query_chunks(q: Tensor, k: Tensor, v: Tensor, *, rows: int, q_offs
 
 
 def _masked(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
-            scale: float | None, bias: Tensor | None, enable_gqa: bool) -> Tensor:
+            scale: float | None, bias: Tensor | None, enable_gqa: bool, dropout_p: float) -> Tensor:
     mask = materialized_bias(slopes, q.shape[2], k.shape[2], q_offset=q_offset, causal=causal,
                              dtype=q.dtype, device=q.device)
     if bias is not None:
@@ -84,4 +86,5 @@ def _masked(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool
         # which builds the B x H x Lq x Lk scores (5.7x slower at B=16, H=4, L=1024). On CUDA a 4-D
         # mask would move bf16 to another kernel (cuDNN), which is not measured yet: left as it was.
         mask = mask[None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa,
+                                          dropout_p=dropout_p)
