@@ -319,3 +319,20 @@ def test_an_unknown_split_lists_the_splits(checkpoint_and_data, capsys):
     assert main(["evaluate", str(ckpt), "--data", str(data), "--split", "foo"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train, valid, test" in err, err
+
+
+def test_evaluate_records_the_tolerance_and_refuses_a_bad_one(checkpoint_and_data, tmp_path, capsys):
+    import json
+
+    from alibi_lm.cli import main
+
+    ckpt, data = checkpoint_and_data
+    out = tmp_path / "e.json"
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--lengths", "16", "--tolerance", "1e-4",
+                 "-o", str(out), "--no-progress"]) == 0
+    results = json.loads(out.read_text())
+    # on the CPU no bounded kernel runs (SDPA is exact): the share read is unknown, not made up
+    assert results["attn_tolerance"] == 1e-4 and results["evaluations"][0]["tiles_visited_share"] is None
+    capsys.readouterr()
+    assert main(["evaluate", str(ckpt), "--data", str(data), "--tolerance", "1.5"]) == 2
+    assert "attn_tolerance must be in [0, 1)" in capsys.readouterr().err

@@ -42,6 +42,7 @@ from alibi_lm.checkpoint import Checkpoint
 from alibi_lm.data import gather_windows, read_meta
 from alibi_lm.errors import UserError
 from alibi_lm.files import RESULTS_FORMAT, read_json_or_none
+from alibi_lm.kernels import tile_stats
 from alibi_lm.model import TransformerLM, inference_autocast_dtype, perplexity, token_nll
 from alibi_lm.progress import progress_bar
 from alibi_lm.tokenizer import load_tokenizer
@@ -136,7 +137,7 @@ def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: s
     position_sum = np.zeros(length, dtype=np.float64)
     position_count = np.zeros(length, dtype=np.int64)
     started = time.perf_counter()
-    with torch.inference_mode(), _autocast(device, model):
+    with torch.inference_mode(), _autocast(device, model), tile_stats() as tiles:
         for (win_len, scored), group in groups.items():
             for i in range(0, len(group), batch_size):
                 batch = group[i : i + batch_size]
@@ -171,6 +172,8 @@ def _evaluate_one(model: TransformerLM, tokens: np.ndarray, length: int, mode: s
         "word_ppl": perplexity(nll_sum / word_count) if word_count else None,
         "seconds": seconds,
         "tokens_per_second": sum(w.length for w in windows) / max(seconds, 1e-9),
+        # with model.attn_tolerance > 0 on the Triton backend: the share of the dense key tiles read
+        "tiles_visited_share": tiles["tiles_visited"] / tiles["tiles_dense"] if tiles["tiles_dense"] else None,
     }
     # Mean NLL at each position of the window (0 = the first prediction, conditioned on one token).
     # Only nonoverlapping windows cover every position; sliding windows score their tail.
@@ -280,6 +283,7 @@ def evaluate_model(
         "format_version": 1,
         "label": label or f"{model.cfg.position} L={train_len}",
         "position": model.cfg.position,
+        "attn_tolerance": model.cfg.attn_tolerance,
         "train_len": train_len,
         "model": model.cfg.to_dict(),
         "parameters": model.num_parameters(),

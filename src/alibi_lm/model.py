@@ -21,7 +21,8 @@ from alibi_lm.kernels.sdpa import attend_in_query_chunks
 from alibi_lm.model_config import ModelConfig
 from alibi_lm.positions import PositionMethod, build_position
 
-__all__ = ["KVCache", "ModelConfig", "TransformerLM", "inference_autocast_dtype", "token_nll"]
+__all__ = ["KVCache", "ModelConfig", "TransformerLM", "inference_autocast_dtype", "set_attention_tolerance",
+           "token_nll"]
 
 #: the most elements (heads x queries x keys) of an additive score bias (T5's, a padding mask) built at
 #: once; more are taken in query chunks
@@ -94,13 +95,15 @@ class Attention(nn.Module):
         q, k = position.rotate(q, k, offset)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
-        dropout_p = self.cfg.attn_dropout if self.training else 0.0
-        out = attend(q, k, v, position, offset, self.cfg.attention_backend, padding_mask, dropout_p=dropout_p)
+        # dropout while training, the bounded-error skip (inference only) otherwise
+        dropout_p, tolerance = (self.cfg.attn_dropout, 0.0) if self.training else (0.0, self.cfg.attn_tolerance)
+        out = attend(q, k, v, position, offset, self.cfg.attention_backend, padding_mask, dropout_p=dropout_p,
+                     tolerance=tolerance)
         return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: int, backend: str,
-           padding_mask: Tensor | None = None, *, dropout_p: float = 0.0,
+           padding_mask: Tensor | None = None, *, dropout_p: float = 0.0, tolerance: float = 0.0,
            chunk_elements: int = BIAS_CHUNK_ELEMENTS) -> Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, K, S, D) with what the position method adds:
     ALiBi's slopes go to the kernel; an additive bias (T5's learned one, a padding mask) is built per
@@ -109,7 +112,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: in
     slopes = position.attention_slopes()
     mask = None if padding_mask is None else padding_bias(padding_mask, q.shape[2], offset, q.dtype)
     if mask is None and not position.score_bias:
-        return attention(q, k, v, slopes=slopes, causal=True, q_offset=offset, backend=backend, dropout_p=dropout_p)
+        return attention(q, k, v, slopes=slopes, causal=True, q_offset=offset, backend=backend, dropout_p=dropout_p,
+                         tolerance=tolerance)
     if backend in ("auto", "triton"):
         backend = "sdpa"  # the fused kernel computes its bias in-kernel and takes no bias tensor
 
@@ -164,6 +168,19 @@ class Block(nn.Module):
                 padding_mask: Tensor | None) -> Tensor:
         x = x + self.dropout(self.attn(self.norm_attn(x), position, offset, layer, cache, padding_mask))
         return x + self.dropout(self.mlp(self.norm_mlp(x)))
+
+
+def set_attention_tolerance(model: TransformerLM, tolerance: float) -> None:
+    """Let `model`'s attention leave out at most `tolerance` of each row's softmax mass at inference
+    (`ModelConfig.attn_tolerance`); a UserError names a value outside [0, 1)."""
+    from dataclasses import replace
+
+    config = replace(model.cfg, attn_tolerance=tolerance)
+    config.validate()
+    for module in model.modules():
+        if getattr(module, "cfg", None) is model.cfg and module is not model:
+            module.cfg = config
+    model.cfg = config
 
 
 def token_nll(logits: Tensor, targets: Tensor) -> Tensor:

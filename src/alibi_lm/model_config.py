@@ -42,6 +42,9 @@ class ModelConfig:
     attn_dropout: float = 0.0
     #: dropout after the feed-forward activation (fairseq's activation_dropout; the paper: 0.1)
     act_dropout: float = 0.0
+    #: inference only: the share of each query row's softmax mass attention may leave out, so that the
+    #: Triton kernel skips the key tiles ALiBi's bias has provably killed (0: exact; e.g. 1e-4)
+    attn_tolerance: float = 0.0
     #: alibi | sinusoidal | learned | rotary | t5 | none
     position: str = "alibi"
     #: size of the `learned` position table (the longest input it can read)
@@ -106,6 +109,9 @@ class ModelConfig:
             if value not in valid:
                 raise UserError(f"unknown model.{name} {value!r}{closest_match_hint(str(value), valid)}; "
                                 f"valid: {', '.join(valid)}")
+        tol = self.attn_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol < 1.0:
+            raise UserError(f"model.attn_tolerance must be in [0, 1) (e.g. 1e-4; 0 is exact), got {tol!r}")
         for name in ("qkv_clip", "attn_scale"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))

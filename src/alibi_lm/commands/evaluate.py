@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluate only the first N tokens of the split (default: all)")
     parser.add_argument("--batch-tokens", type=int, default=16384,
                         help="input tokens per forward pass; lower it if memory runs out (default: 16384)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="bounded-error attention: the share of each row's softmax mass that may be left "
+                             "out, e.g. 1e-4 (Triton backend on CUDA; default: the model's attn_tolerance, 0)")
     parser.add_argument("--label", default=None, help="name of this run in tables and plots")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("-o", "--out", default=None, help="write the results as JSON here")
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from alibi_lm.errors import UserError
     from alibi_lm.evaluate import check_same_tokenizer, evaluate_model, find_data_dir, fit_lengths, forward_tokens
     from alibi_lm.files import check_output_file, is_results_file, write_json
+    from alibi_lm.model import set_attention_tolerance
     from alibi_lm.plots import results_table
 
     for name in ("stride", "batch_tokens"):
@@ -87,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         out = check_output_file(args.out, option="-o", kind="results file", ours=is_results_file,
                                 example="eval.json")
     ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    if args.tolerance is not None:
+        set_attention_tolerance(ckpt.model, args.tolerance)
     data_dir = Path(args.data) if args.data else find_data_dir(ckpt)
     if data_dir is None:
         raise UserError(f"cannot tell which data {ckpt.path} was trained on; pass --data PREPARED_DIR")

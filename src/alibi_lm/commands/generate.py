@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--stop-at-eos", action="store_true",
                         help="stop at the tokenizer's end-of-line/end-of-text token (word and bpe tokenizers have one)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="bounded-error attention: the share of each row's softmax mass that may be left "
+                             "out, e.g. 1e-4, so that each step reads only the cache the bias leaves alive (Triton "
+                             "backend on CUDA; default: the model's attn_tolerance, 0)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
 
 
@@ -82,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
     from alibi_lm.distributed import pick_device
     from alibi_lm.errors import UserError
     from alibi_lm.generate import generate
+    from alibi_lm.model import set_attention_tolerance
 
     ckpt = load_checkpoint(args.checkpoint, device=pick_device(args.device))
+    if args.tolerance is not None:
+        set_attention_tolerance(ckpt.model, args.tolerance)
     if ckpt.tokenizer is None:
         raise UserError(f"{ckpt.path} has no tokenizer.json, so text cannot be encoded; copy the tokenizer.json "
                         "of its prepared data directory into it")

@@ -9,8 +9,11 @@ non-causal attention uses the symmetric -slope_h * |pos_q - j|.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -18,7 +21,7 @@ from torch import Tensor
 from alibi_lm.kernels.reference import attention_reference, materialized_bias
 from alibi_lm.kernels.sdpa import attention_sdpa
 
-__all__ = ["BACKENDS", "attention", "attention_reference", "available_backends", "materialized_bias"]
+__all__ = ["BACKENDS", "attention", "attention_reference", "available_backends", "materialized_bias", "tile_stats"]
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -110,6 +113,7 @@ def attention(
     backend: str = "auto",
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
+    tolerance: float = 0.0,
 ) -> Tensor:
     """Scaled dot-product attention with an ALiBi bias (slopes) or none (slopes=None).
 
@@ -120,7 +124,12 @@ def attention(
     bias is not a function of the positions (T5); the fused kernel does not take one.
     `dropout_p` drops attention probabilities (kept ones scaled by 1 / (1 - p)); the mask is drawn from
     torch's generator of q's device at the call, so `torch.manual_seed(s)` before two calls gives the
-    same mask. Pass 0 outside training. Returns (B, H, Lq, D) in q's dtype.
+    same mask. Pass 0 outside training.
+    `tolerance` (inference) is the largest share of each query row's softmax mass that may be left out:
+    the Triton backend then skips the key tiles that the ALiBi bias provably pushes below it
+    (`triton_bounded`; every output component within 2 * tolerance * max|v| of the dense result, plus
+    rounding); 0 is the dense result. Other backends, and calls that want gradients, compute the dense
+    result, which leaves nothing out. Returns (B, H, Lq, D) in q's dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -129,6 +138,8 @@ def attention(
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance!r}")
     if backend == "auto":
         backend = _auto_backend(q, slopes, bias, dropout_p)
     args = dict(slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
@@ -145,6 +156,33 @@ def attention(
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
     if dropout_p > 0 and not _TRITON_DROPOUT:
         raise ValueError("the triton backend has no attention dropout yet; use backend='sdpa' or 'reference'")
+    if tolerance > 0 and dropout_p == 0 and not _wants_grad(q, k, v, slopes):
+        from alibi_lm.kernels.triton_attention import _validate
+        from alibi_lm.kernels.triton_bounded import bounded_attention
+
+        _validate(q, k, v)
+        return bounded_attention(q, k, v, tolerance=float(tolerance), stats=_TILE_STATS.get(), **args)
     from alibi_lm.kernels.triton_attention import triton_attention
 
     return triton_attention(q, k, v, **args)
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+#: where bounded-error calls add the key tiles they read (see `tile_stats`)
+_TILE_STATS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("alibi_lm_tile_stats", default=None)
+
+
+@contextlib.contextmanager
+def tile_stats() -> Iterator[dict]:
+    """Count the key tiles that bounded-error attention (tolerance > 0 on the Triton backend) reads
+    inside the block: {"tiles_visited", "tiles_dense"}, the second what dense kernels would have read
+    for the same query blocks. Both stay 0 when no bounded call ran (the CPU, other backends)."""
+    counts = {"tiles_visited": 0, "tiles_dense": 0}
+    token = _TILE_STATS.set(counts)
+    try:
+        yield counts
+    finally:
+        _TILE_STATS.reset(token)
