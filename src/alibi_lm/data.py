@@ -35,6 +35,7 @@ import numpy as np
 
 from alibi_lm.errors import UserError, closest_match_hint
 from alibi_lm.files import folder_kind, read_json
+from alibi_lm.progress import progress_bar
 from alibi_lm.tokenizer import KINDS, Tokenizer, train_tokenizer
 
 __all__ = ["CORPORA", "SPLITS", "batch_rows", "load_tokens", "prepare", "read_meta", "window_starts"]
@@ -228,8 +229,6 @@ def read_corpus(source: str, *, data_dir: str | Path | None = None, valid_fracti
 
 def _encode_to_file(tokenizer: Tokenizer, text: str, path: Path, dtype: np.dtype, progress: bool,
                     desc: str) -> int:
-    from tqdm import tqdm
-
     tmp = path.with_name(path.name + ".tmp")
     n_tokens = 0
     with open(tmp, "wb") as f:
@@ -240,7 +239,8 @@ def _encode_to_file(tokenizer: Tokenizer, text: str, path: Path, dtype: np.dtype
         else:
             lines = text.splitlines(keepends=True)
             chunk = 20_000
-            bar = tqdm(total=len(text), unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
+            bar = progress_bar(total=len(text), unit="B", unit_scale=True, desc=desc, disable=not progress,
+                               leave=False)
             for i in range(0, len(lines), chunk):
                 batch = lines[i:i + chunk]
                 encoded = tokenizer.encode_batch(batch)

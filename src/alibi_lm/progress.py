@@ -36,7 +36,7 @@ class LineProgress:
         self.file = file or sys.stderr
         self.interval, self.disable, self.clock = interval, disable, clock
         self.postfix = ""
-        self._start_n = initial
+        self._start_n = self._printed_n = initial
         self._start = self._last = clock()
         self._closed = False
 
@@ -56,13 +56,14 @@ class LineProgress:
             print(text, file=self.file, flush=True)
 
     def close(self) -> None:
-        if not self.disable and not self._closed and self.n > self._start_n:
+        # the last line, unless the last update printed it already
+        if not self.disable and not self._closed and self.n > self._printed_n:
             self._line()
         self._closed = True
 
     def _line(self) -> None:
         now = self.clock()
-        self._last = now
+        self._last, self._printed_n = now, self.n
         elapsed = now - self._start
         rate = (self.n - self._start_n) / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.n:,.0f}/{self.total:,.0f} ({self.n / self.total:.0%})" if self.total else f"{self.n:,.0f}"]
