@@ -56,6 +56,14 @@ def test_launch_overhead_times_every_layer_and_profiles_the_python_path(tmp_path
     assert "function calls" in (tmp_path / "launch_overhead_python_profile.txt").read_text()
 
 
+def test_autograd_overhead_times_every_piece_of_the_round_trip(tmp_path: Path) -> None:
+    _run("autograd_overhead.py", "--out", tmp_path, "--cpu-smoke", "--calls", "2")
+    times = json.loads((tmp_path / "autograd-overhead.json").read_text())["us_per_call"]
+    assert len(times) == 10 and all(isinstance(t, float) and t > 0 for t in times.values()), times
+    # the timed launcher runs inside the Function's backward, so it cannot take longer than the whole
+    assert times["  inside its backward"] <= times["FullTimed fwd+bwd"], times
+
+
 def test_backward_study_sweeps_both_kernels_and_keeps_their_gradients(tmp_path: Path) -> None:
     _run("backward_study.py", "--out", tmp_path, "--cpu-smoke")
     (result,) = json.loads((tmp_path / "backward-study.json").read_text())["results"]
