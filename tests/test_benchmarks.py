@@ -64,6 +64,16 @@ def test_autograd_overhead_times_every_piece_of_the_round_trip(tmp_path: Path) -
     assert times["  inside its backward"] <= times["FullTimed fwd+bwd"], times
 
 
+def test_decode_split_times_both_plans_against_sdpa(tmp_path: Path) -> None:
+    _run("decode_split.py", "--out", tmp_path, "--cpu-smoke")
+    rows = json.loads((tmp_path / "decode-split.json").read_text())["rows"]
+    # 2 batches x 2 caches, each the split plan, one pass and SDPA
+    assert [r["mode"] for r in rows] == ["split", "one", "sdpa_no_bias"] * 4
+    assert all(r["host_loop_us"] > 0 for r in rows)
+    # both plans compute the same attention as the library's own choice, up to bf16 rounding
+    assert all(r["err"] < 1e-2 for r in rows if r["mode"] != "sdpa_no_bias"), rows
+
+
 def test_backward_study_sweeps_both_kernels_and_keeps_their_gradients(tmp_path: Path) -> None:
     _run("backward_study.py", "--out", tmp_path, "--cpu-smoke")
     (result,) = json.loads((tmp_path / "backward-study.json").read_text())["results"]
