@@ -74,6 +74,15 @@ def test_decode_split_times_both_plans_against_sdpa(tmp_path: Path) -> None:
     assert all(r["err"] < 1e-2 for r in rows if r["mode"] != "sdpa_no_bias"), rows
 
 
+def test_forward_descriptors_times_both_loads_and_compares_them(tmp_path: Path) -> None:
+    _run("forward_descriptors.py", "--out", tmp_path, "--cpu-smoke")
+    (row,) = json.loads((tmp_path / "forward-descriptors.json").read_text())["rows"]
+    for way in ("tma=True", "tma=False"):
+        assert row[way]["ms"] > 0 and "BLOCK_M" in row[way]["config"], row[way]
+    # descriptors and pointer loads compute the same forward, up to the order of fp32 additions
+    assert row["diff"] < 1e-2, row
+
+
 def test_backward_study_sweeps_both_kernels_and_keeps_their_gradients(tmp_path: Path) -> None:
     _run("backward_study.py", "--out", tmp_path, "--cpu-smoke")
     (result,) = json.loads((tmp_path / "backward-study.json").read_text())["results"]
