@@ -83,6 +83,20 @@ def test_forward_descriptors_times_both_loads_and_compares_them(tmp_path: Path) 
     assert row["diff"] < 1e-2, row
 
 
+def test_forward_configs_times_each_pinned_config(tmp_path: Path) -> None:
+    _run("forward_configs.py", "--out", tmp_path, "--cpu-smoke")
+    runs = json.loads((tmp_path / "forward-configs.json").read_text())["runs"]
+    assert list(runs) == ["D16 L64 32x16 w4 s1", "D16 L64 16x16 w4 s1"], runs
+    # every config computes the first one's forward, up to the order of fp32 additions
+    assert all(r["ms"] > 0 and r["diff"] < 1e-2 for r in runs.values()), runs
+    # an experiment's flag must exist in the (patched) kernel: without the patch the script says so
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_configs.py"), "--out", str(tmp_path),
+                           "--cpu-smoke", "--flag", "NO_SUCH_FLAG"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode != 0 and "no constexpr 'NO_SUCH_FLAG'" in done.stderr, done.stderr[-2000:]
+
+
 def test_backward_study_sweeps_both_kernels_and_keeps_their_gradients(tmp_path: Path) -> None:
     _run("backward_study.py", "--out", tmp_path, "--cpu-smoke")
     (result,) = json.loads((tmp_path / "backward-study.json").read_text())["results"]
