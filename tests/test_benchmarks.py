@@ -56,6 +56,47 @@ def test_launch_overhead_times_every_layer_and_profiles_the_python_path(tmp_path
     assert "function calls" in (tmp_path / "launch_overhead_python_profile.txt").read_text()
 
 
+def test_autograd_overhead_times_every_piece_of_the_round_trip(tmp_path: Path) -> None:
+    _run("autograd_overhead.py", "--out", tmp_path, "--cpu-smoke", "--calls", "2")
+    times = json.loads((tmp_path / "autograd-overhead.json").read_text())["us_per_call"]
+    assert len(times) == 10 and all(isinstance(t, float) and t > 0 for t in times.values()), times
+    # the timed launcher runs inside the Function's backward, so it cannot take longer than the whole
+    assert times["  inside its backward"] <= times["FullTimed fwd+bwd"], times
+
+
+def test_decode_split_times_both_plans_against_sdpa(tmp_path: Path) -> None:
+    _run("decode_split.py", "--out", tmp_path, "--cpu-smoke")
+    rows = json.loads((tmp_path / "decode-split.json").read_text())["rows"]
+    # 2 batches x 2 caches, each the split plan, one pass and SDPA
+    assert [r["mode"] for r in rows] == ["split", "one", "sdpa_no_bias"] * 4
+    assert all(r["host_loop_us"] > 0 for r in rows)
+    # both plans compute the same attention as the library's own choice, up to bf16 rounding
+    assert all(r["err"] < 1e-2 for r in rows if r["mode"] != "sdpa_no_bias"), rows
+
+
+def test_forward_descriptors_times_both_loads_and_compares_them(tmp_path: Path) -> None:
+    _run("forward_descriptors.py", "--out", tmp_path, "--cpu-smoke")
+    (row,) = json.loads((tmp_path / "forward-descriptors.json").read_text())["rows"]
+    for way in ("tma=True", "tma=False"):
+        assert row[way]["ms"] > 0 and "BLOCK_M" in row[way]["config"], row[way]
+    # descriptors and pointer loads compute the same forward, up to the order of fp32 additions
+    assert row["diff"] < 1e-2, row
+
+
+def test_forward_configs_times_each_pinned_config(tmp_path: Path) -> None:
+    _run("forward_configs.py", "--out", tmp_path, "--cpu-smoke")
+    runs = json.loads((tmp_path / "forward-configs.json").read_text())["runs"]
+    assert list(runs) == ["D16 L64 32x16 w4 s1", "D16 L64 16x16 w4 s1"], runs
+    # every config computes the first one's forward, up to the order of fp32 additions
+    assert all(r["ms"] > 0 and r["diff"] < 1e-2 for r in runs.values()), runs
+    # an experiment's flag must exist in the (patched) kernel: without the patch the script says so
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_configs.py"), "--out", str(tmp_path),
+                           "--cpu-smoke", "--flag", "NO_SUCH_FLAG"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode != 0 and "no constexpr 'NO_SUCH_FLAG'" in done.stderr, done.stderr[-2000:]
+
+
 def test_backward_study_sweeps_both_kernels_and_keeps_their_gradients(tmp_path: Path) -> None:
     _run("backward_study.py", "--out", tmp_path, "--cpu-smoke")
     (result,) = json.loads((tmp_path / "backward-study.json").read_text())["results"]
