@@ -131,3 +131,27 @@ def test_version_and_print_config(capsys):
     assert main(["train", "--config", "tiny", "--set", "optim.lr=0.002", "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert "[optim]\nlr = 0.002\n" in printed and "[model]" in printed and "position = " in printed
+
+
+def test_info_says_which_backend_a_model_takes_and_why(tmp_path, capsys):
+    from alibi_lm.checkpoint import save_model_checkpoint
+    from alibi_lm.model import ModelConfig, TransformerLM
+
+    save_model_checkpoint(tmp_path / "ck", TransformerLM(ModelConfig(attn_dropout=0.1, attn_tolerance=1e-4)),
+                          train_len=16)
+    assert main(["info", str(tmp_path / "ck"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "training backend    sdpa: attention dropout" in out
+    assert "inference backend   sdpa: no CUDA device (cpu)" in out and "attn_tolerance      0.0001" in out
+
+
+def test_choose_backend_names_its_reason():
+    import torch
+
+    from alibi_lm.kernels import choose_backend
+
+    assert choose_backend("cpu", torch.bfloat16, 64, alibi=False)[0] == "sdpa"
+    assert "extra additive bias" in choose_backend("cuda", torch.bfloat16, 64, alibi=True, bias=True)[1]
+    assert "no CUDA device" in choose_backend("cpu", torch.bfloat16, 64, alibi=True)[1]
+    reason = choose_backend("cuda", torch.float32, 64, alibi=True)[1]
+    assert "triton" not in reason or "float16 or bfloat16" in reason

@@ -21,7 +21,8 @@ from torch import Tensor
 from alibi_lm.kernels.reference import attention_reference, materialized_bias
 from alibi_lm.kernels.sdpa import attention_sdpa
 
-__all__ = ["BACKENDS", "attention", "attention_reference", "available_backends", "materialized_bias", "tile_stats"]
+__all__ = ["BACKENDS", "attention", "attention_reference", "available_backends", "choose_backend", "materialized_bias",
+           "tile_stats"]
 
 BACKENDS = ("auto", "reference", "sdpa", "triton")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -86,19 +87,34 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, q_offs
         raise ValueError(f"bias is on {bias.device} but q is on {q.device}")
 
 
-def _auto_backend(q: Tensor, slopes: Tensor | None, bias: Tensor | None, dropout_p: float) -> str:
-    # Without a bias, torch's SDPA (FlashAttention/cuDNN) is faster than our Triton kernel on the
-    # H100 (BENCHMARKS.md), so the fused kernel is used where it wins: whenever there are slopes.
-    if slopes is None:
-        return "sdpa"
+def choose_backend(device: torch.device | str, dtype: torch.dtype, head_dim: int, *, alibi: bool,
+                   bias: bool = False, dropout_p: float = 0.0) -> tuple[str, str]:
+    """(backend, why) that backend="auto" takes for such a call, the reason in words (`alibi-lm info`)."""
+    device = torch.device(device)
+    if not alibi:
+        # Without a bias, torch's SDPA (FlashAttention/cuDNN) is faster than our Triton kernel on the
+        # H100 (BENCHMARKS.md), so the fused kernel is used where it wins: whenever there are slopes.
+        return "sdpa", "no ALiBi slopes: SDPA's own fused kernels are faster without a bias"
+    if bias:
+        return "sdpa", "an extra additive bias (T5, padding): the fused kernel computes only ALiBi's"
     if dropout_p > 0 and not _TRITON_DROPOUT:
-        return "sdpa"
-    if q.is_cuda and bias is None and q.dtype in _HALF_DTYPES and triton_installed():
-        from alibi_lm.kernels.triton_attention import supports
+        return "sdpa", "attention dropout: the fused Triton kernels do not take it yet"
+    if device.type != "cuda":
+        return "sdpa", f"no CUDA device ({device.type}): the Triton kernels need one"
+    if not triton_installed():
+        return "sdpa", "triton is not installed"
+    from alibi_lm.kernels.triton_attention import HEAD_DIMS
 
-        if supports(q):
-            return "triton"
-    return "sdpa"
+    if dtype not in _HALF_DTYPES:
+        return "sdpa", f"{str(dtype).removeprefix('torch.')}: the Triton kernels take float16 or bfloat16"
+    if head_dim not in HEAD_DIMS:
+        return "sdpa", f"head dim {head_dim}: the Triton kernels are built for {', '.join(map(str, HEAD_DIMS))}"
+    return "triton", "ALiBi in fp16/bf16 on CUDA: the fused kernel computes the bias in-kernel"
+
+
+def _auto_backend(q: Tensor, slopes: Tensor | None, bias: Tensor | None, dropout_p: float) -> str:
+    return choose_backend(q.device, q.dtype, q.shape[-1], alibi=slopes is not None, bias=bias is not None,
+                          dropout_p=dropout_p)[0]
 
 
 def attention(
