@@ -31,13 +31,18 @@ BIAS_CHUNK_ELEMENTS = 1 << 25
 class KVCache:
     """Keys and values of every layer for incremental decoding, in buffers that double when full.
 
-    Keys are stored after the position method's rotation, so a cached key never changes."""
+    Keys are stored after the position method's rotation, so a cached key never changes. With
+    `key_norms` (bounded-error attention, `ModelConfig.attn_tolerance`) the cache also keeps, per layer,
+    the running maximum of the key norms along the cache (B, K, S) float32, extended on every append:
+    the bound needs it for every step, and recomputing it would read the whole cache it exists to skip."""
 
     def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device | str,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, *, key_norms: bool = False):
         shape = (batch, cfg.kv_heads, max(capacity, 1), cfg.head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.norm_max = ([torch.empty(shape[:3], device=device, dtype=torch.float32) for _ in range(cfg.n_layers)]
+                         if key_norms else None)
         self.length = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,9 +52,20 @@ class KVCache:
             grow = max(end, 2 * self.keys[layer].shape[2])
             self.keys[layer] = _grown(self.keys[layer], grow, start)
             self.values[layer] = _grown(self.values[layer], grow, start)
+            if self.norm_max is not None:
+                self.norm_max[layer] = _grown(self.norm_max[layer][..., None], grow, start)[..., 0]
         self.keys[layer][:, :, start:end] = k
         self.values[layer][:, :, start:end] = v
+        if self.norm_max is not None:
+            running = torch.linalg.vector_norm(k.float(), dim=-1)  # (B, K, T)
+            if start > 0:
+                running = torch.maximum(running, self.norm_max[layer][:, :, start - 1 : start])
+            self.norm_max[layer][:, :, start:end] = torch.cummax(running, dim=-1).values
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def key_norm_max(self, layer: int) -> Tensor | None:
+        """Running maximum of the key norms of `layer` over the cache so far (B, K, S), or None."""
+        return None if self.norm_max is None else self.norm_max[layer][:, :, : self.length]
 
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
@@ -93,18 +109,21 @@ class Attention(nn.Module):
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)
         q, k = position.rotate(q, k, offset)
+        key_norm_max = None
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
+            if cache.norm_max is not None:  # the running maximum up to and including this step's keys
+                key_norm_max = cache.norm_max[layer][:, :, : k.shape[2]]
         # dropout while training, the bounded-error skip (inference only) otherwise
         dropout_p, tolerance = (self.cfg.attn_dropout, 0.0) if self.training else (0.0, self.cfg.attn_tolerance)
         out = attend(q, k, v, position, offset, self.cfg.attention_backend, padding_mask, dropout_p=dropout_p,
-                     tolerance=tolerance)
+                     tolerance=tolerance, key_norm_max=key_norm_max)
         return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: int, backend: str,
            padding_mask: Tensor | None = None, *, dropout_p: float = 0.0, tolerance: float = 0.0,
-           chunk_elements: int = BIAS_CHUNK_ELEMENTS) -> Tensor:
+           key_norm_max: Tensor | None = None, chunk_elements: int = BIAS_CHUNK_ELEMENTS) -> Tensor:
     """Causal attention of q (B, H, T, D) over k, v (B, K, S, D) with what the position method adds:
     ALiBi's slopes go to the kernel; an additive bias (T5's learned one, a padding mask) is built per
     query chunk, since at 16k tokens a whole (H, T, S) bias and its int64 buckets take tens of GiB; a
@@ -113,7 +132,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: in
     mask = None if padding_mask is None else padding_bias(padding_mask, q.shape[2], offset, q.dtype)
     if mask is None and not position.score_bias:
         return attention(q, k, v, slopes=slopes, causal=True, q_offset=offset, backend=backend, dropout_p=dropout_p,
-                         tolerance=tolerance)
+                         tolerance=tolerance, key_norm_max=key_norm_max)
     if backend in ("auto", "triton"):
         backend = "sdpa"  # the fused kernel computes its bias in-kernel and takes no bias tensor
 
@@ -250,7 +269,8 @@ class TransformerLM(nn.Module):
     def new_cache(self, batch: int, capacity: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
         weight = self.embed.weight
-        return KVCache(self.cfg, batch, capacity, device or weight.device, dtype or weight.dtype)
+        return KVCache(self.cfg, batch, capacity, device or weight.device, dtype or weight.dtype,
+                       key_norms=self.cfg.attn_tolerance > 0)
 
     def forward(
         self,

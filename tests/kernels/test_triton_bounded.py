@@ -146,3 +146,27 @@ def test_a_model_with_attn_tolerance_reads_fewer_tiles_and_gives_the_same_logits
     assert (bounded - dense).abs().max().item() < 0.05 * dense.abs().max().item()
     with pytest.raises(ValueError, match="attn_tolerance must be in"):
         set_attention_tolerance(model, 1.5)
+
+
+def test_the_cache_keeps_the_running_key_norm_maximum_and_decoding_stays_close():
+    """A cache made for a model with attn_tolerance extends the norms' running maximum per append (the
+    bound reads it every step instead of the whole cache), and decoding token by token gives the logits
+    of one forward pass over the whole sequence."""
+    from alibi_lm.model import ModelConfig, TransformerLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, n_layers=2, d_model=64, n_heads=4, attention_backend="triton",
+                      attn_tolerance=1e-4)
+    model = TransformerLM(cfg).to(DEVICE, bf16).eval()
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    cache = model.new_cache(2, 8)  # grows twice on the way
+    with torch.no_grad(), tile_stats() as stats:
+        model(tokens[:, :30], cache=cache)
+        steps = [model(tokens[:, i : i + 1], cache=cache)[0] for i in range(30, 40)]
+        whole = model(tokens)[0]
+    for layer in range(cfg.n_layers):
+        keys = cache.keys[layer][:, :, : cache.length]
+        torch.testing.assert_close(cache.key_norm_max(layer), key_norm_prefix_max(keys)[0])
+    stepped = torch.cat(steps, dim=1).float()
+    assert (stepped - whole[:, 30:].float()).abs().max().item() < 0.05 * whole.float().abs().max().item()
+    assert 0 < stats["tiles_visited"] <= stats["tiles_dense"]  # 40 keys of a random model: little to skip

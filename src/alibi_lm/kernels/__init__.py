@@ -130,6 +130,7 @@ def attention(
     bias: Tensor | None = None,
     dropout_p: float = 0.0,
     tolerance: float = 0.0,
+    key_norm_max: Tensor | None = None,
 ) -> Tensor:
     """Scaled dot-product attention with an ALiBi bias (slopes) or none (slopes=None).
 
@@ -145,7 +146,9 @@ def attention(
     the Triton backend then skips the key tiles that the ALiBi bias provably pushes below it
     (`triton_bounded`; every output component within 2 * tolerance * max|v| of the dense result, plus
     rounding); 0 is the dense result. Other backends, and calls that want gradients, compute the dense
-    result, which leaves nothing out. Returns (B, H, Lq, D) in q's dtype.
+    result, which leaves nothing out. `key_norm_max` (B, Hkv, Lk): the running maximum of the key norms
+    along the keys, for a caller that keeps it (a KV cache does); else the bound computes it per call.
+    Returns (B, H, Lq, D) in q's dtype.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -177,7 +180,8 @@ def attention(
         from alibi_lm.kernels.triton_bounded import bounded_attention
 
         _validate(q, k, v)
-        return bounded_attention(q, k, v, tolerance=float(tolerance), stats=_TILE_STATS.get(), **args)
+        return bounded_attention(q, k, v, tolerance=float(tolerance), stats=_TILE_STATS.get(),
+                                 key_norm_max=key_norm_max, **args)
     from alibi_lm.kernels.triton_attention import triton_attention
 
     return triton_attention(q, k, v, **args)

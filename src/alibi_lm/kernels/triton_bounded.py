@@ -185,14 +185,16 @@ def _bounded_fwd_kernel(Q, K, V, Slopes, O, KPre, KSuf, Visited,
     tl.store(Visited + bh * tl.num_programs(0) + tl.program_id(0), n_visited)
 
 
-def key_norm_prefix_max(k: Tensor) -> tuple[Tensor, Tensor]:
+def key_norm_prefix_max(k: Tensor, *, suffix: bool = True) -> tuple[Tensor, Tensor | None]:
     """(prefix, suffix) maxima of the key norms along the keys, float32 (B, Hkv, Lk): prefix[..., j] is
-    the largest |k| among keys 0..j, suffix[..., j] among keys j..Lk-1. Computed once per call (or per
-    cache append); its cost is part of what the benchmarks time."""
+    the largest |k| among keys 0..j, suffix[..., j] among keys j..Lk-1 (only non-causal calls need it).
+    Computed once per call, or kept by a KV cache per append (`model.KVCache`); its cost is part of what
+    the benchmarks time."""
     norms = torch.linalg.vector_norm(k.float(), dim=-1)
-    prefix = torch.cummax(norms, dim=-1).values
-    suffix = torch.cummax(norms.flip(-1), dim=-1).values.flip(-1)
-    return prefix.contiguous(), suffix.contiguous()
+    prefix = torch.cummax(norms, dim=-1).values.contiguous()
+    if not suffix:
+        return prefix, None
+    return prefix, torch.cummax(norms.flip(-1), dim=-1).values.flip(-1).contiguous()
 
 
 def dense_tiles(n_queries: int, n_keys: int, q_offset: int, causal: bool, batch_heads: int) -> int:
@@ -209,10 +211,11 @@ def dense_tiles(n_queries: int, n_keys: int, q_offset: int, causal: bool, batch_
 
 def bounded_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None, causal: bool = True,
                       q_offset: int = 0, scale: float | None = None, tolerance: float,
-                      stats: dict | None = None) -> Tensor:
+                      stats: dict | None = None, key_norm_max: Tensor | None = None) -> Tensor:
     """Attention that leaves out at most `tolerance` (0 < tolerance < 1) of every query row's softmax
     mass (module docstring). Inputs as validated by `triton_attention` (fp16/bf16, a supported head dim);
-    no autograd. `stats`, when given, gains "tiles_visited" and "tiles_dense" (added to what it holds)."""
+    no autograd. `stats`, when given, gains "tiles_visited" and "tiles_dense" (added to what it holds).
+    `key_norm_max`: the prefix maxima of the key norms, when the caller keeps them (causal calls only)."""
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be in (0, 1) here, got {tolerance!r}")
     B, H, Lq, D = q.shape
@@ -222,7 +225,11 @@ def bounded_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None,
     o = torch.empty_like(q)
     if Lq == 0 or B == 0:
         return o
-    prefix, suffix = key_norm_prefix_max(k)
+    if key_norm_max is not None and causal:
+        prefix, suffix = key_norm_max.float().contiguous(), None
+    else:
+        prefix, suffix = key_norm_prefix_max(k, suffix=not causal)
+    suffix = prefix if suffix is None else suffix  # never read by causal kernels
     block_m, block_n = _BLOCKS
     grid = (triton.cdiv(Lq, block_m), B * H)
     visited = torch.empty((B * H * grid[0],), device=q.device, dtype=torch.int32)
