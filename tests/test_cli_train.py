@@ -123,3 +123,76 @@ def test_automatic_prepare_says_so_and_prepared_data_keeps_its_tokenizer(tmp_pat
     err = capsys.readouterr().err
     assert "note: data.tokenizer=bpe does not apply" in err and "prepared with the bytes tokenizer" in err, err
     assert json.loads((tmp_path / "run2" / "config.json").read_text())["data"]["tokenizer"] == "bytes"
+
+
+def test_a_file_as_data_path_gets_a_hint_that_works(tmp_path, capsys):
+    """`--set data.path=plain.txt` said to run `alibi-lm prepare SOURCE -o plain.txt`, which fails because
+    plain.txt is a file (issue 16): the hint prepares the file into a folder of its own, and that works."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("".join(f"line {i} of a small corpus\n" for i in range(300)))
+    err = _fails(capsys, _train(plain, tmp_path / "run"), "plain.txt is a file")
+    hinted = err.split("alibi-lm prepare ", 1)[1].split(", then")[0].split()
+    assert main(["prepare", *hinted, "--tokenizer", "bytes", "--no-progress"]) == 0
+    assert (tmp_path / "plain-prepared" / "meta.json").is_file()
+
+
+def test_resume_says_where_it_starts_and_ctrl_c_says_where_to_resume(data_dir, tmp_path, capsys, monkeypatch):
+    from alibi_lm import train as train_module
+
+    run = tmp_path / "run"
+    assert main(_train(data_dir, run, "run.steps=2")) == 0
+    capsys.readouterr()
+    assert main(_train(data_dir, run, "run.steps=3", resume=True)) == 0
+    assert f"resuming {run / 'checkpoints' / 'step_00000002'} at step 2 of 3" in capsys.readouterr().err
+
+    calls = []
+
+    def interrupt_on_the_second_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    real_step = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", interrupt_on_the_second_step)
+    assert main(_train(data_dir, run, "run.steps=6", resume=True)) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"the newest checkpoint is {run / 'checkpoints' / 'step_00000004'} (step 4 of 6)" in err, err
+    assert f"alibi-lm train --config {run / 'config.json'} --resume" in err
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    assert main(_train(data_dir, run, "run.steps=6", resume=True)) == 0  # the lock was released
+
+
+def test_init_from_starts_a_new_run_from_the_weights(data_dir, tmp_path, capsys):
+    """Train short, then a new run at twice the length from those weights (run.init_from); a model of
+    another shape is one line naming the fields."""
+    short = tmp_path / "short"
+    assert main(_train(data_dir, short, "run.steps=30", "optim.lr=3e-3", "schedule.warmup_steps=2")) == 0
+    fresh, longer = tmp_path / "fresh", tmp_path / "longer"
+    assert main(_train(data_dir, fresh, "data.train_len=32", "run.steps=1", "run.log_every=1")) == 0
+    assert main(_train(data_dir, longer, "data.train_len=32", "run.steps=1", "run.log_every=1",
+                       f"run.init_from={short}")) == 0
+    assert "starting from the weights of" in capsys.readouterr().err
+
+    def first_loss(run):
+        return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+    assert first_loss(longer) < first_loss(fresh) - 0.5, (first_loss(longer), first_loss(fresh))
+    saved = json.loads((longer / "config.json").read_text())
+    assert saved["run"]["init_from"] == str(short) and saved["data"]["train_len"] == 32
+    _fails(capsys, _train(data_dir, tmp_path / "other", "model.n_layers=2", f"run.init_from={short}"),
+           "run.init_from", "model.n_layers: 1 there, 2 here")
+
+
+def test_tensorboard_gets_the_metrics(data_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(_train(data_dir, run, "run.steps=4", "run.log_every=2", "run.tensorboard=true")) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    board = {e.step: e.value for e in events.Scalars("loss")}
+    assert board == pytest.approx({r["step"]: r["loss"] for r in logged}, rel=1e-6)
+    assert "lr" in events.Tags()["scalars"]

@@ -186,7 +186,8 @@ def test_resume_names_the_settings_that_changed_since_the_checkpoint(tmp_path, d
     train(load_config(str(config), ["run.steps=4", "run.log_every=2"]), resume=True, progress=False)
     assert capsys.readouterr().err.count("note:") == 1  # run.steps changes the schedule; log_every nothing
     train(load_config(str(config), ["run.steps=5", "optim.lr=1e-3", "run.log_every=2"]), resume=True, progress=False)
-    (note,) = capsys.readouterr().err.strip().splitlines()
+    note, resuming = capsys.readouterr().err.strip().splitlines()
+    assert "resuming" in resuming and "at step 4 of 5" in resuming
     assert "optim.lr 0.003 -> 0.001" in note and "run.steps 4 -> 5" in note and "log_every" not in note
 
 
@@ -324,3 +325,14 @@ def test_cuda_graph_compile_mode_is_refused_under_torchrun(tmp_path):
     info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="one process only"), contextlib.ExitStack() as held:
         _train(cfg, info, resume=False, progress=False, held=held)
+
+
+def test_the_validation_line_names_what_word_level_perplexity_is():
+    """`word ppl 103877682.66` at step 50 of a byte model read as a bug (issue 16)."""
+    from alibi_lm.train import _validation_line
+
+    record = {"valid_loss": 2.5, "valid_ppl": 12.18, "valid_word_ppl": 103877682.66}
+    line = _validation_line(50, record, "bytes")
+    assert line == "step 50: valid loss 2.5000 per token, ppl 12.18; per whitespace word: ppl 1.039e+08"
+    word = _validation_line(50, {"valid_loss": 4.6, "valid_ppl": 99.5, "valid_word_ppl": 99.5}, "word")
+    assert word.endswith("ppl 99.50 (word-level: one token per word)") and "whitespace" not in word

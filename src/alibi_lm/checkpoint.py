@@ -39,7 +39,7 @@ __all__ = ["Checkpoint", "clear_partial_writes", "latest_checkpoint", "load_chec
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 # what train's checkpoints add for --resume (train.py writes them as the "optimizer" and "train_state" stems)
-_TRAINING_ONLY_FILES = frozenset({"optimizer.safetensors", "train_state.safetensors"})
+TRAINING_FILES = frozenset({"optimizer.safetensors", "train_state.safetensors"})
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -294,7 +294,7 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
     in eval mode on `device`, its config, training length, tokenizer and metadata."""
     path = resolve_checkpoint(path)
     # inference never reads the optimizer and data state: damage there must not stop an evaluation
-    meta = read_checkpoint_meta(path, skip=_TRAINING_ONLY_FILES)
+    meta = read_checkpoint_meta(path, skip=TRAINING_FILES)
     try:
         config = ModelConfig.from_dict(meta["model"])
         config.validate()

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"alibi-lm {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"alibi-lm {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # an Interrupted says where the work can go on from
+        print(f"alibi-lm {args.command}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # stdout was closed early (`alibi-lm generate ... | head`): stop quietly, as `cat` does

@@ -117,6 +117,11 @@ class RunConfig:
     log_every: int = 10
     #: accelerator peak FLOP/s for MFU; 0 = guess from the device name (H100/H200 bf16 dense: 989e12)
     peak_flops: float = 0.0
+    #: start a new run from the weights of this checkpoint (or run directory, or `alibi-lm import`ed
+    #: BLOOM/MPT): a new optimizer and this run's own schedule, e.g. to fine-tune at a longer data.train_len
+    init_from: str = ""
+    #: also write the metrics as TensorBoard scalars into <out_dir>/tensorboard (pip install "alibi-lm[tensorboard]")
+    tensorboard: bool = False
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

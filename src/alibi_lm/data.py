@@ -336,6 +336,12 @@ def _write_prepared(out: Path, tok: Tokenizer, corpus: Corpus, source: str, dtyp
 
 def read_meta(prepared_dir: str | Path) -> dict:
     path = Path(prepared_dir) / "meta.json"
+    if Path(prepared_dir).is_file():
+        # a text file named where a prepared folder belongs: prepare that file into a folder of its own
+        stem = Path(prepared_dir)
+        raise UserError(f"{prepared_dir} is a file; the data path names a folder made by `alibi-lm prepare`: "
+                        f"alibi-lm prepare {prepared_dir} -o {stem.with_name(stem.stem + '-prepared')}, then use that "
+                        "folder")
     if not path.is_file():
         raise UserError(f"{prepared_dir} is not a prepared data directory (no meta.json); "
                         f"run `alibi-lm prepare SOURCE -o {prepared_dir}` first")

@@ -10,11 +10,16 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 
-__all__ = ["UserError", "closest_match_hint"]
+__all__ = ["Interrupted", "UserError", "closest_match_hint"]
 
 
 class UserError(ValueError):
     """A mistake in the user's input: a bad argument, file, config key or checkpoint."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during long work, with what the user needs next (where to resume); the CLI prints its
+    message, one line, and exits 130 as for any interrupt."""
 
 
 def closest_match_hint(name: str, choices: Iterable[str], aliases: Mapping[str, str] | None = None) -> str:

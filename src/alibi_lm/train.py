@@ -27,6 +27,7 @@ from torch import nn
 
 from alibi_lm import distributed as D
 from alibi_lm.checkpoint import (
+    TRAINING_FILES,
     clear_partial_writes,
     latest_checkpoint,
     load_model_state,
@@ -35,6 +36,7 @@ from alibi_lm.checkpoint import (
     model_state,
     prune_checkpoints,
     read_checkpoint_meta,
+    resolve_checkpoint,
     save_model_checkpoint,
     step_checkpoints,
     step_directory,
@@ -43,7 +45,7 @@ from alibi_lm.checkpoint import (
 )
 from alibi_lm.config import CUDA_GRAPH_MODES, TrainConfig
 from alibi_lm.data import batch_rows, gather_windows, load_tokens, prepare, read_meta, window_starts
-from alibi_lm.errors import UserError
+from alibi_lm.errors import Interrupted, UserError
 from alibi_lm.model import TransformerLM, perplexity, token_nll
 from alibi_lm.model_config import ModelConfig
 from alibi_lm.tokenizer import load_tokenizer
@@ -273,7 +275,7 @@ def _full_model_state(model: nn.Module, parallel: str) -> dict[str, torch.Tensor
 
 # What a run writes into its directory (hidden names are its lock and temporary folders, and a
 # user's tool files); anything else there belongs to someone else.
-_RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "best"}
+_RUN_FILES = {"config.json", "metrics.jsonl", "checkpoints", "best", "tensorboard"}
 
 
 def _check_foreign_files(run_dir: Path) -> None:
@@ -329,6 +331,31 @@ def _changed_training_settings(saved: dict, cfg: TrainConfig) -> str:
     return ", ".join(changes)
 
 
+# the model fields that decide which parameters exist and their shapes: init_from needs them equal; the
+# rest (dropouts, backend, tolerance, slope rule and bias limit, whose fixed slopes come with the weights)
+# may change between the runs
+_SHAPE_FIELDS = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ff", "position", "norm",
+                 "activation", "tie_embeddings", "bias", "embed_norm", "t5_num_buckets")
+
+
+def _init_weights_from(model: TransformerLM, source: str, info: D.DistInfo) -> None:
+    """Copy the weights of the checkpoint `source` (or a run directory's newest) into the new model: a
+    new run that starts from them, with its own optimizer and schedule (run.init_from)."""
+    path = resolve_checkpoint(source)
+    meta = read_checkpoint_meta(path, skip=TRAINING_FILES)
+    saved = meta["model"]
+    now = model.cfg.to_dict()
+    fields = [*_SHAPE_FIELDS, *(("max_len",) if model.cfg.position == "learned" else ())]
+    differ = [f"model.{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in fields if saved.get(k) != now[k]]
+    if differ:
+        raise UserError(f"run.init_from {path}: its model has other shapes ({'; '.join(differ)}); set [model] "
+                        "to match, or start without run.init_from")
+    load_model_state(model, load_tensors(path, "model"), path)
+    if info.is_main:
+        print(f"alibi-lm train: starting from the weights of {path} (step {meta.get('step', 0)}, trained at "
+              f"L={meta.get('train_len')}); new optimizer and schedule", file=sys.stderr, flush=True)
+
+
 def _check_same_model(saved: dict, current: ModelConfig, path: Path) -> None:
     now = current.to_dict()
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
@@ -361,6 +388,8 @@ def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> dict:
     path = Path(cfg.data.path)
     if not cfg.data.path:
         raise UserError("data.path is not set; prepare data with `alibi-lm prepare` and pass --set data.path=DIR")
+    if path.is_file():
+        read_meta(path)  # a file where a prepared folder belongs: the error says how to prepare it
     if not (path / "meta.json").is_file() and cfg.data.source:
         if info.is_main:
             # said out loud: a mistyped data.path would otherwise quietly become a new corpus
@@ -376,6 +405,19 @@ def _prepare_data(cfg: TrainConfig, info: D.DistInfo) -> dict:
               f"prepared with the {meta['tokenizer']} tokenizer, and the run uses it as it is (set data.path to a "
               f"new folder to prepare {cfg.data.source!r} with {cfg.data.tokenizer})", file=sys.stderr, flush=True)
     return meta
+
+
+def _validation_line(step: int, record: dict, tokenizer: str) -> str:
+    """The progress line of a validation. A word tokenizer's token perplexity is the word-level one; for
+    bytes and BPE the word-level number is exp(NLL per whitespace word of the split), comparable across
+    tokenizers but astronomically large while a model is young (1e8 at step 50 of a byte model), so it
+    is named for what it is (metrics.jsonl keeps it as valid_word_ppl)."""
+    line = f"step {step}: valid loss {record['valid_loss']:.4f} per token, ppl {record['valid_ppl']:.2f}"
+    if tokenizer == "word":
+        return line + " (word-level: one token per word)"
+    if "valid_word_ppl" in record:
+        line += f"; per whitespace word: ppl {record['valid_word_ppl']:.4g}"
+    return line
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -396,9 +438,10 @@ def _metrics_record(line: str) -> dict | None:
 
 
 class _Metrics:
-    """metrics.jsonl, appended by rank 0, flushed per line so a killed run keeps what it logged."""
+    """metrics.jsonl, appended by rank 0, flushed per line so a killed run keeps what it logged; with
+    `tensorboard`, the same numbers as TensorBoard scalars in <run>/tensorboard (step = optimizer step)."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, tensorboard: bool = False):
         self.path, self.enabled = path, enabled
         if enabled and resume_step is not None and path.is_file():
             # Lines past the checkpoint we resume from will be written again.
@@ -409,11 +452,33 @@ class _Metrics:
             os.replace(tmp, path)
         elif enabled and path.exists():
             path.unlink()
+        self.board = None
+        if enabled and tensorboard:
+            self.board = _summary_writer(path.parent / "tensorboard", purge_step=resume_step)
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(name, value, record["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def _summary_writer(directory: Path, purge_step: int | None):
+    """torch's TensorBoard writer; `purge_step` drops the events of steps a resume writes again."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("run.tensorboard needs the tensorboard package: pip install 'alibi-lm[tensorboard]' "
+                        "(or set run.tensorboard=false)") from None
+    return SummaryWriter(log_dir=str(directory), purge_step=None if purge_step is None else purge_step + 1)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -425,8 +490,20 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         # the stack holds the run directory's lock, so it is released on failure as well as on success
         with contextlib.ExitStack() as held:
             return _train(config, info, resume=resume, progress=progress, held=held)
+    except KeyboardInterrupt:
+        raise Interrupted(_where_to_resume(Path(config.run.out_dir), config.run.steps)) from None
     finally:
         D.shutdown()
+
+
+def _where_to_resume(run_dir: Path, total_steps: int) -> str:
+    """What Ctrl-C tells the user: the newest checkpoint and the command that continues from it."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return f"interrupted before the first checkpoint of {run_dir}; nothing to resume, start the run again"
+    step = int(newest.name.removeprefix("step_"))
+    return (f"interrupted; the newest checkpoint is {newest} (step {step} of {total_steps}); continue with: "
+            f"alibi-lm train --config {run_dir / 'config.json'} --resume")
 
 
 def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
@@ -491,6 +568,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
         if ckpt_meta.get("world_size", 1) != info.world_size:
             raise UserError(f"cannot resume {existing}: it was written by {ckpt_meta.get('world_size')} ranks, "
                             f"this run has {info.world_size}")
+        if info.is_main:
+            print(f"alibi-lm train: resuming {existing} at step {ckpt_meta['step']} of {cfg.run.steps}",
+                  file=sys.stderr, flush=True)
     elif existing is not None:
         raise UserError(f"{run_dir} already has checkpoints; pass --resume to continue it or choose another "
                         "run.out_dir")
@@ -512,6 +592,8 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
         best_loss = state.get("best_valid_loss") or math.inf
         bad_evals = state.get("bad_evals", 0)
         tokens_seen = state.get("tokens_seen", 0)
+    elif cfg.run.init_from:
+        _init_weights_from(model, cfg.run.init_from, info)
     model.to(device)
     model = D.wrap_model(model, info, cfg.run.parallel)
     optimizer = build_optimizer(model, cfg, device)
@@ -529,7 +611,9 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
     if info.is_main:
         resolved = {**cfg.to_dict(), "world_size": info.world_size}
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
-    metrics = _Metrics(run_dir / "metrics.jsonl", info.is_main, start_step if resume else None)
+    metrics = _Metrics(run_dir / "metrics.jsonl", info.is_main, start_step if resume else None,
+                       tensorboard=cfg.run.tensorboard)
+    held.callback(metrics.close)
 
     world, batch, accum = info.world_size, cfg.data.batch_size, cfg.data.grad_accum
     rows = world * batch * accum
@@ -649,8 +733,7 @@ def _train(cfg: TrainConfig, info: D.DistInfo, *, resume: bool, progress: bool,
                     stopped_early, do_ckpt = True, True
                     record["stopped_early"] = True
                 if info.is_main and progress:
-                    word = f", word ppl {record['valid_word_ppl']:.2f}" if "valid_word_ppl" in record else ""
-                    bar.write(f"step {step}: valid loss {valid_loss:.4f}, ppl {record['valid_ppl']:.2f}{word}")
+                    bar.write(_validation_line(step, record, data_meta["tokenizer"]))
             metrics.write(record)
             if do_ckpt:
                 last_ckpt = save(step, final_valid if do_eval else None)
