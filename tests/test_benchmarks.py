@@ -18,6 +18,9 @@ import pytest
 
 from alibi_lm.data import prepare
 
+# each script runs in a subprocess of its own (a fresh interpreter, torch imported anew): ~40 s in all
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

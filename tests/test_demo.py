@@ -60,6 +60,7 @@ def test_commands_on_the_demo_checkpoints(demo, tmp_path, capsys):
     assert text.startswith("The ") and len(text.encode()) >= 300
 
 
+@pytest.mark.slow
 def test_a_second_demo_says_it_replaces_the_first(tmp_path):
     printed: list[str] = []
     for _ in range(2):
