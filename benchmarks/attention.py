@@ -152,7 +152,7 @@ def bench_train(lengths: list[int], dims: list[int], save: Callable[[list[dict]]
                 del fn
                 torch.cuda.empty_cache()
                 if name.startswith("ours"):
-                    row["configs"] = _best_configs()
+                    row["configs"] = _best_configs(D)
                 rows.append(row)
                 save(rows)
                 print(json.dumps(row), flush=True)
@@ -161,11 +161,12 @@ def bench_train(lengths: list[int], dims: list[int], save: Callable[[list[dict]]
     return rows
 
 
-def _best_configs() -> dict[str, str]:
+def _best_configs(head_dim: int) -> dict[str, str]:
     """The configs the autotuner settled on for the last shape (for the tuning notes)."""
-    from alibi_lm.kernels import triton_attention as ta
+    from alibi_lm.kernels.triton_flash import flash_kernels
 
-    return {name: str(getattr(getattr(ta, name), "best_config", None)) for name in ("_fwd", "_dkdv", "_dq")}
+    return {name: str(getattr(kernel.autotuner, "best_config", None))
+            for name, kernel in zip(("_fwd", "_dkdv", "_dq"), flash_kernels(head_dim), strict=True)}
 
 
 # ---------------------------------------------------------------------------------------------- decode

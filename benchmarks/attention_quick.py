@@ -21,6 +21,7 @@ writes OUT_DIR/attention-quick.json and .md (rewritten after every shape) and pr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -51,6 +52,7 @@ import triton  # noqa: E402
 
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
 from alibi_lm.kernels.reference import attention_reference  # noqa: E402
+from alibi_lm.kernels.triton_flash import flash_kernels  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
 from kernel_profile import breakdown, median_ms  # noqa: E402
 from kernel_profile import markdown as profile_markdown  # noqa: E402
@@ -86,14 +88,9 @@ def _ref_fp32(q, k, v, slopes) -> torch.Tensor:
     return torch.stack(outs)
 
 
-def _pointer_loads(fn):
-    """Run fn with the forward kernel's pointer loads instead of its tensor-descriptor (TMA) loads, the
-    comparison of BENCHMARKS.md (on GPUs before sm_90 both are the pointer path)."""
-    before, ta.USE_TMA = ta.USE_TMA, False
-    try:
-        return fn()
-    finally:
-        ta.USE_TMA = before
+# The forward kernel's pointer loads instead of its tensor-descriptor (TMA) loads, the comparison of
+# BENCHMARKS.md (on GPUs before sm_90 both are the pointer path).
+POINTER = dataclasses.replace(ta.KernelOptions.from_env(), tma=False)
 
 
 def bench_shape(D: int, L: int) -> dict:
@@ -107,8 +104,7 @@ def bench_shape(D: int, L: int) -> dict:
     flops = 2 * B * H * L * L * D
     row: dict = {"D": D, "L": L, "H": H, "B": B}
     methods = {"ours": lambda: ta.triton_attention(q, k, v, slopes=slopes, causal=True),
-               "ours_pointer": lambda: _pointer_loads(lambda: ta.triton_attention(q, k, v, slopes=slopes,
-                                                                                   causal=True)),
+               "ours_pointer": lambda: ta.triton_attention(q, k, v, slopes=slopes, causal=True, options=POINTER),
                "sdpa_no_bias": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     for name, fn in methods.items():
         try:
@@ -129,14 +125,16 @@ def bench_shape(D: int, L: int) -> dict:
         q.grad = k.grad = v.grad = None
         _log(f"D={D} L={L} {name}: {row[name]}")
     if not ARGS.cpu_smoke:
-        row["configs"] = {n: str(getattr(getattr(ta, n), "best_config", None)) for n in ("_fwd", "_dkdv", "_dq")}
-        row["configs"]["_fwd (all)"] = {str(key): str(cfg) for key, cfg in ta._fwd.cache.items()}
+        kernels = flash_kernels(D)
+        row["configs"] = {n: str(getattr(kernel.autotuner, "best_config", None))
+                          for n, kernel in zip(("_fwd", "_dkdv", "_dq"), kernels, strict=True)}
+        row["configs"]["_fwd (all)"] = {str(key): str(cfg) for key, cfg in kernels.forward.autotuner.cache.items()}
     with torch.no_grad():
         # the timed kernels themselves (same compiled variants: HAS_SLOPES, causal) on the timed shapes
         sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         zero = ta.triton_attention(q, k, v, slopes=torch.zeros_like(slopes), causal=True)
         row["check_zero_slopes_vs_sdpa"] = {"rel": _rel(zero, sdpa), "max_abs": (zero - sdpa).abs().max().item()}
-        zero = _pointer_loads(lambda: ta.triton_attention(q, k, v, slopes=torch.zeros_like(slopes), causal=True))
+        zero = ta.triton_attention(q, k, v, slopes=torch.zeros_like(slopes), causal=True, options=POINTER)
         row["check_pointer_zero_slopes_vs_sdpa"] = {"rel": _rel(zero, sdpa),
                                                      "max_abs": (zero - sdpa).abs().max().item()}
         ours = ta.triton_attention(q, k, v, slopes=slopes, causal=True)

@@ -57,6 +57,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
+from alibi_lm.kernels.triton_flash import flash_backward, flash_forward_with_lse, flash_kernels  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
 from kernel_profile import breakdown, median_ms  # noqa: E402
 
@@ -64,6 +65,7 @@ DEV = "cpu" if ARGS.cpu_smoke else "cuda"
 DTYPE = torch.bfloat16
 TOKENS = 16_384
 T0 = time.time()
+OPTIONS = ta.KernelOptions.from_env()  # the launchers' options, the environment's as in triton_attention
 
 # (BLOCK_M, BLOCK_N, warps, stages). dK/dV keeps BLOCK_N keys resident and streams BLOCK_M queries,
 # dQ the reverse; the lists span the Triton tutorial's (32/128, 4 warps, deep pipelines) and Flex's
@@ -85,11 +87,11 @@ def _median_ms(fn) -> float:
     return median_ms(fn, smoke=ARGS.cpu_smoke)
 
 
-def _pinned(autotuner, config: tuple[int, int, int, int]) -> None:
-    """Make the autotuner launch this one config (a one-entry list is launched without benchmarking)."""
+def _pinned(kernel, config: tuple[int, int, int, int]):
+    """Until the block ends, the kernel (a `TunedKernel` of `flash_kernels`) launches this one config,
+    without benchmarking."""
     m, n, w, s = config
-    autotuner.configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)]
-    autotuner.cache.clear()
+    return kernel.pinned(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s))
 
 
 def _kernel_ms(profile: dict, fragment: str) -> float | None:
@@ -110,43 +112,39 @@ def _inputs(D: int, L: int):
 def sweep_head_dim(D: int, L: int) -> dict:
     q, k, v, do, slopes = _inputs(D, L)
     scale = D**-0.5
-    o, lse = ta._forward(q, k, v, slopes, True, 0, scale)
+    o, lse = flash_forward_with_lse(q, k, v, slopes, True, 0, scale, options=OPTIONS)
     bwd_flops = 2.5 * 2 * q.shape[0] * q.shape[1] * L * L * D
 
     def backward(sl=slopes):
-        return ta._backward(do, q, k, v, o, lse, sl, True, 0, scale, False)
+        return flash_backward(do, q, k, v, o, lse, sl, True, 0, scale, False, options=OPTIONS)
 
     reference = backward()  # the default configs' gradients: every config must give the same ones
-    saved = {"_dkdv": list(ta._dkdv.configs), "_dq": list(ta._dq.configs)}
+    kernels = {"_dkdv": flash_kernels(D).dkdv, "_dq": flash_kernels(D).dq}
     defaults = {"_dkdv": DKDV_SWEEP[0], "_dq": DQ_SWEEP[0]}
     result = {"D": D, "L": L, "B": q.shape[0], "H": q.shape[1], "sweeps": {}}
     for name, sweep, other in (("_dkdv", DKDV_SWEEP, "_dq"), ("_dq", DQ_SWEEP, "_dkdv")):
-        _pinned(getattr(ta, other), defaults[other])
         rows = []
-        for config in sweep:
-            row = {"config": list(config)}
-            try:
-                _pinned(getattr(ta, name), config)
-                grads = backward()
-                row["max_abs_diff"] = max((a.float() - b.float()).abs().max().item()
-                                          for a, b in zip(grads[:3], reference[:3], strict=True))
-                row["backward_ms"] = _median_ms(backward)
-                row["backward_tflops"] = bwd_flops / row["backward_ms"] / 1e9
-                prof = breakdown(backward, 3 if ARGS.cpu_smoke else 5, top=8)
-                row["kernel_ms"] = _kernel_ms(prof, f"{name}_kernel")
-            except Exception as exc:  # a config that does not fit (shared memory, registers) is reported
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            rows.append(row)
-            _log(f"D={D} {name} {config}: {row}")
+        with _pinned(kernels[other], defaults[other]):
+            for config in sweep:
+                row = {"config": list(config)}
+                try:
+                    with _pinned(kernels[name], config):
+                        grads = backward()
+                        row["max_abs_diff"] = max((a.float() - b.float()).abs().max().item()
+                                                  for a, b in zip(grads[:3], reference[:3], strict=True))
+                        row["backward_ms"] = _median_ms(backward)
+                        row["backward_tflops"] = bwd_flops / row["backward_ms"] / 1e9
+                        prof = breakdown(backward, 3 if ARGS.cpu_smoke else 5, top=8)
+                    row["kernel_ms"] = _kernel_ms(prof, f"{name}_kernel")
+                except Exception as exc:  # a config that does not fit (shared memory, registers) is reported
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                rows.append(row)
+                _log(f"D={D} {name} {config}: {row}")
         result["sweeps"][name] = rows
 
-    _pinned(ta._dkdv, defaults["_dkdv"])
-    _pinned(ta._dq, defaults["_dq"])
-    with_bias, without = _median_ms(backward), _median_ms(lambda: backward(None))
+    with _pinned(kernels["_dkdv"], defaults["_dkdv"]), _pinned(kernels["_dq"], defaults["_dq"]):
+        with_bias, without = _median_ms(backward), _median_ms(lambda: backward(None))
     result["bias_cost"] = {"configs": defaults, "with_slopes_ms": with_bias, "without_slopes_ms": without}
-    for name, configs in saved.items():
-        getattr(ta, name).configs = configs
-        getattr(ta, name).cache.clear()
     return result
 
 

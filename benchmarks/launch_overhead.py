@@ -10,11 +10,11 @@ calls with one synchronisation at the end:
 
   pieces             two allocations; four tensor descriptors; the autotuner's lookup + the JIT
                      launch; the JIT launch alone with the autotuner's chosen config
-  launcher           kernels.triton_attention._forward (autotuner lookup + one Triton launch)
+  launcher           kernels.triton_flash.flash_forward_with_lse (autotuner lookup + one Triton launch)
   launcher (tma)     the same with tensor descriptors (sm_90+; elsewhere it falls back to pointers)
   custom op          torch.ops.alibi_lm.flash_attention_fwd (dispatcher + the launcher)
   fwd (grad)         triton_attention with q.requires_grad: the autograd-registered op
-  backward launcher  kernels.triton_attention._backward (three Triton launches, the allocations)
+  backward launcher  kernels.triton_flash.flash_backward (three Triton launches, the allocations)
   bwd custom op      torch.ops.alibi_lm.flash_attention_bwd (dispatcher + the backward launcher)
   fwd+bwd            forward and backward through autograd
   compiled           the same fwd+bwd inside torch.compile (what a compiled model does per layer)
@@ -30,7 +30,9 @@ ours).
     PYTHONPATH=src python benchmarks/launch_overhead.py --out OUT --cpu-smoke   # interpreter, tiny; checks the script
 
 With --cpu-smoke the kernels run in Triton's interpreter (so the times say nothing about a GPU) and
-the compiled row is left out (a compile takes longer than the rest of the run).
+the compiled row is left out (a compile takes longer than the rest of the run). Every row autotunes as
+the environment says (ALIBI_TRITON_AUTOTUNE); the launcher rows and the pieces use pointer loads but for
+"launcher (tma)", the rows through the ops and `triton_attention` the environment's choice (ALIBI_TRITON_TMA).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
+from alibi_lm.kernels import triton_flash as tf  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
@@ -123,15 +126,15 @@ def main() -> None:
     sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
     # the pieces of one launcher call, to see which one to cut: the allocations, the descriptors, the
     # autotuner's lookup around the JIT launch, and the JIT launch alone with the chosen config
-    o, lse = ta._forward(q, k, v, sl, True, 0, scale, tma=False)
-    grid = (triton.cdiv(L, 16), B * H)  # any grid covers the timing of the host path
-    launch_args = (q, k, v, q, k, v, o, sl, o, lse, *ta._strides(q), *ta._strides(k), *ta._strides(v), *ta._strides(o),
-                   H, 1, L, L, 0, scale * ta._LOG2E, D, ta._bucket(L), ta._bucket(L))
-    flags = dict(CAUSAL=True, HAS_SLOPES=True, USE_TMA=False, BLOCK_D=ta._block_d(D))
-    best = ta._fwd.best_config
+    env = ta.KernelOptions.from_env()
+    pointer, descriptor = (ta.KernelOptions(tma=tma, autotune=env.autotune) for tma in (False, True))
+    o, lse = tf.flash_forward_with_lse(q, k, v, sl, True, 0, scale, options=pointer)
+    kernel, grid, _, launch_args, flags = tf.forward_launch(q, k, v, o, lse, sl, True, 0, scale, tma=False)
+    best = kernel.autotuner.best_config
     fixed = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
-    forward_launcher = lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=False)  # noqa: E731
-    backward_launcher = lambda: ta._backward(do, q, k, v, o, lse, sl, True, 0, scale, False)  # noqa: E731
+    forward_launcher = lambda: tf.flash_forward_with_lse(q, k, v, sl, True, 0, scale, options=pointer)  # noqa: E731
+    backward_launcher = lambda: tf.flash_backward(do, q, k, v, o, lse, sl, True, 0, scale, False,  # noqa: E731
+                                                  options=pointer)
     # one new token over a 1k cache (H = 16, D = 128): a few microseconds of GPU work, so host time
     Hd, Dd, cache = (2, 16, 40) if ARGS.cpu_smoke else (16, 128, 1024)
     qd = torch.randn(1, Hd, 1, Dd, device=DEV, dtype=torch.bfloat16)
@@ -139,15 +142,16 @@ def main() -> None:
     sld = alibi_slopes(Hd).to(DEV)
     rows: dict[str, Callable[[], object]] = {
         "two allocations": lambda: (torch.empty_like(q), torch.empty((B, H, L), device=DEV)),
-        "four descriptors": lambda: [ta._descriptor(t) for t in (q, k, v, o)],
-        "autotuner + launch": lambda: ta._fwd[grid](*launch_args, **flags),
-        "JIT launch, config fixed": lambda: ta._fwd.fn[grid](*launch_args, **flags, **fixed),
+        "four descriptors": lambda: [tf.tensor_descriptor(t) for t in (q, k, v, o)],
+        "autotuner + launch": lambda: kernel.autotuner[grid](*launch_args, **flags),
+        "JIT launch, config fixed": lambda: kernel.autotuner.fn[grid](*launch_args, **flags, **fixed),
         "launcher": forward_launcher,
-        "launcher (tma)": lambda: ta._forward(q, k, v, sl, True, 0, scale, tma=True),
-        "custom op": lambda: torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, 0, scale),
+        "launcher (tma)": lambda: tf.flash_forward_with_lse(q, k, v, sl, True, 0, scale, options=descriptor),
+        "custom op": lambda: torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, 0, scale, env.tma, env.autotune),
         "fwd (grad)": lambda: ours(qg, kg, vg),
         "backward launcher": backward_launcher,
-        "bwd custom op": lambda: torch.ops.alibi_lm.flash_attention_bwd(do, q, k, v, o, lse, sl, True, 0, scale, False),
+        "bwd custom op": lambda: torch.ops.alibi_lm.flash_attention_bwd(do, q, k, v, o, lse, sl, True, 0, scale, False,
+                                                                        env.autotune),
         "fwd+bwd": fwd_bwd(ours),
         "sdpa fwd+bwd": fwd_bwd(sdpa),
         "decode, 1 token over 1k": lambda: ta.triton_attention(qd, kd, vd, slopes=sld, q_offset=cache - 1),

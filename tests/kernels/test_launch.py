@@ -1,4 +1,5 @@
-"""TunedKernel: the autotuner chooses once per key, later launches skip it and run the chosen config."""
+"""TunedKernel: the autotuner chooses once per key, later launches skip it and run the chosen config;
+autotune=False and `pinned` launch one config without asking the autotuner at all."""
 
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def _tuned(blocks: list[int], timings: _Timings, pre_hook=None) -> TunedKernel:
     return TunedKernel(triton.autotune(configs, key=["N"], do_bench=timings)(_fill_block_kernel))
 
 
-def _launch(kernel: TunedKernel, n: int, shift: float = 0.0) -> torch.Tensor:
+def _launch(kernel: TunedKernel, n: int, shift: float = 0.0, autotune: bool = True) -> torch.Tensor:
     x = torch.full((n,), -1.0, device=DEVICE)
-    kernel.launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), ("n", n), (x, n, shift), {})
+    kernel.launch(lambda meta: (triton.cdiv(n, meta["BLOCK"]),), ("n", n), (x, n, shift), {}, autotune=autotune)
     return x
 
 
@@ -66,7 +67,7 @@ def test_a_new_config_list_makes_the_choice_stale() -> None:
     timings = _Timings()
     kernel = _tuned([16, 32], timings)
     _launch(kernel, 40)
-    # what benchmarks/backward_study.py does to pin one config
+    # a new list (as a caller replacing the configs would set it) is noticed without clear()
     kernel.autotuner.configs = [triton.Config({"BLOCK": 16}, num_warps=1)]
     kernel.autotuner.cache.clear()
     assert torch.equal(_launch(kernel, 40), torch.full((40,), 16.0, device=DEVICE))
@@ -79,3 +80,27 @@ def test_the_chosen_configs_pre_hook_runs_on_every_launch() -> None:
     seen.clear()  # the benchmark's calls
     _launch(kernel, 40)
     assert seen == [(40, 32)]
+
+
+def test_without_autotuning_the_first_config_runs_unbenchmarked() -> None:
+    timings = _Timings()
+    seen: list[int] = []
+    kernel = _tuned([16, 32], timings, pre_hook=lambda nargs: seen.append(nargs["BLOCK"]))
+    assert torch.equal(_launch(kernel, 40, autotune=False), torch.full((40,), 16.0, device=DEVICE))
+    assert timings.calls == 0 and seen == [16]  # nothing timed; the config's pre_hook still ran
+    assert kernel.autotuner.best_config.kwargs == {"BLOCK": 16}
+    # the pinned launch is not taken for the autotuner's choice: a tuned launch of the same key still tunes
+    assert torch.equal(_launch(kernel, 40), torch.full((40,), 32.0, device=DEVICE))
+    assert timings.calls == 2
+    assert torch.equal(_launch(kernel, 40, autotune=False), torch.full((40,), 16.0, device=DEVICE))
+
+
+def test_a_pinned_config_runs_until_the_block_ends() -> None:
+    timings = _Timings()
+    kernel = _tuned([16, 32], timings)
+    _launch(kernel, 40)  # tuned: 32
+    with kernel.pinned(triton.Config({"BLOCK": 64}, num_warps=1)):
+        assert torch.equal(_launch(kernel, 40), torch.full((40,), 64.0, device=DEVICE))
+        assert torch.equal(_launch(kernel, 70, autotune=False), torch.full((70,), 64.0, device=DEVICE))
+    assert timings.calls == 2  # the pinned launches benchmarked nothing
+    assert torch.equal(_launch(kernel, 40), torch.full((40,), 32.0, device=DEVICE))  # the earlier choice again

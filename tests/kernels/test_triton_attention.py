@@ -6,6 +6,8 @@ shapes; the `gpu` tests compile the kernels for real on larger ones.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -16,10 +18,10 @@ from _attention_check import Case, check, lse_oracle, make_inputs, max_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alibi_lm.kernels import attention
-from alibi_lm.kernels import triton_attention as kernel_module
+from alibi_lm.kernels import attention, triton_flash
 from alibi_lm.kernels.reference import attention_reference
-from alibi_lm.kernels.triton_attention import flash_forward, supports, triton_attention
+from alibi_lm.kernels.triton_attention import KernelOptions, flash_forward, supports, triton_attention
+from alibi_lm.kernels.triton_flash import flash_backward, flash_forward_with_lse, tma_capable
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
@@ -42,24 +44,27 @@ CASES = [
 
 
 # The forward kernel loads its tiles through tensor descriptors where it can (sm_90+, and the
-# interpreter) and through pointers elsewhere (older GPUs, ALIBI_TRITON_TMA=0): both are checked.
+# interpreter) and through pointers elsewhere (older GPUs, KernelOptions(tma=False)): both are checked.
 LOADS = pytest.mark.parametrize("descriptor_loads", [True, False], ids=["descriptor", "pointer"])
+
+
+def _options(tma: bool) -> KernelOptions:
+    # autotune as the environment says: GPU test runs set ALIBI_TRITON_AUTOTUNE=0 to keep compile time down
+    return dataclasses.replace(KernelOptions.from_env(), tma=tma)
 
 
 @LOADS
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_float64(case: Case, descriptor_loads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel_module, "USE_TMA", descriptor_loads)
-    check(case, triton_attention, device=DEVICE)
+def test_matches_float64(case: Case, descriptor_loads: bool) -> None:
+    check(case, functools.partial(triton_attention, options=_options(descriptor_loads)), device=DEVICE)
 
 
 @LOADS
 @pytest.mark.parametrize("causal", [True, False])
-def test_long_offset_bias_is_exact(causal: bool, descriptor_loads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_offset_bias_is_exact(causal: bool, descriptor_loads: bool) -> None:
     """Queries ~64k tokens in: the fp32 in-tile distance keeps neighbouring keys apart."""
-    monkeypatch.setattr(kernel_module, "USE_TMA", descriptor_loads)
-    check(Case(1, 2, 2, 17, 70, 32, causal=causal, q_offset=65_500, slopes="trainable"), triton_attention,
-          device=DEVICE)
+    check(Case(1, 2, 2, 17, 70, 32, causal=causal, q_offset=65_500, slopes="trainable"),
+          functools.partial(triton_attention, options=_options(descriptor_loads)), device=DEVICE)
 
 
 
@@ -84,13 +89,13 @@ def test_tensor_descriptor_forward_matches_pointer_forward(case: Case) -> None:
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q)
     scale = case.head_dim ** -0.5
     args = (q, k, v, sl, case.causal, case.q_offset, scale)
-    if not kernel_module._tma_capable(q, k, v, do):
+    if not tma_capable(q, k, v, do):
         assert DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9
         pytest.skip("this GPU has no tensor memory accelerator (sm_90+)")
     got = {}
     for tma in (True, False):
-        out, lse = kernel_module._forward(*args, tma=tma)
-        grads = kernel_module._backward(do, q, k, v, out, lse, sl, *args[4:], sl is not None)
+        out, lse = flash_forward_with_lse(*args, options=_options(tma))
+        grads = flash_backward(do, q, k, v, out, lse, sl, *args[4:], sl is not None, options=_options(tma))
         got[tma] = (out, lse, *grads)
     leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
     sl64 = None if sl is None else sl.double().requires_grad_(True)
@@ -118,7 +123,7 @@ def test_expanded_keys_take_the_pointer_loads() -> None:
     case = Case(2, 2, 2, 20, 20, 32)
     q, k, v, slopes = (t.detach() for t in make_inputs(case, DEVICE))
     k, v = k[:1].expand_as(k), v[:1].expand_as(v)
-    assert not kernel_module._tma_capable(q, k, v)
+    assert not tma_capable(q, k, v)
     out = triton_attention(q, k, v, slopes=slopes)
     oracle = attention_reference(q.double(), k.double(), v.double(), slopes=slopes.double())
     same_dtype = attention_reference(q, k, v, slopes=slopes)
@@ -128,11 +133,10 @@ def test_expanded_keys_take_the_pointer_loads() -> None:
 
 
 @pytest.mark.parametrize("descriptor_loads", [True, False], ids=["descriptor", "pointer"])
-def test_empty_batch(descriptor_loads: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_empty_batch(descriptor_loads: bool) -> None:
     """A batch of zero sequences gives an empty output (a tensor descriptor cannot describe it)."""
-    monkeypatch.setattr(kernel_module, "USE_TMA", descriptor_loads)
     q = torch.randn(0, 2, 5, 32, device=DEVICE).to(bf16)
-    out = flash_forward(q, q, q, slopes=torch.ones(2, device=DEVICE))
+    out = flash_forward(q, q, q, slopes=torch.ones(2, device=DEVICE), options=_options(descriptor_loads))
     assert out.shape == q.shape
 
 
@@ -160,7 +164,7 @@ def test_head_dim_is_a_compile_time_constant(name: str) -> None:
     """A run-time D turned the choice between plain and masked tile loads into a branch inside the loops,
     which Triton does not software-pipeline: on the H100 the backward's main loops loaded every tile
     synchronously and ran 1.2-1.6x slower (benchmarks/NOTES-kernel.md)."""
-    source = getattr(kernel_module, name).fn  # the Python function, compiled or interpreted
+    source = getattr(triton_flash, name).fn  # the Python function, compiled or interpreted
     annotations = {n: str(p.annotation) for n, p in inspect.signature(source).parameters.items()}
     assert "constexpr" in annotations["D"] and "constexpr" in annotations["BLOCK_D"]
 

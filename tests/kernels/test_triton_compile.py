@@ -12,11 +12,16 @@ from _attention_check import Case, make_inputs
 
 from alibi_lm import ModelConfig, TransformerLM
 from alibi_lm.kernels import triton_attention as ta
+from alibi_lm.kernels.triton_attention import KernelOptions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter is slow: schema, autograd registration and fake-tensor checks, plus one AOT trace
 # (forward and backward through the fake implementations) for the forward op.
 FAST_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+# The launch options, passed explicitly to the ops and to the eager path alike, so both run the same kernels
+# (autotune as the environment says: GPU test runs pin each kernel's first config).
+OPTIONS = KernelOptions.from_env()
+OPT_ARGS = (OPTIONS.tma, OPTIONS.autotune)  # the ops' (tma, autotune) arguments
 
 
 def _inputs(slopes: str | None):
@@ -32,7 +37,7 @@ def test_opcheck_forward(slopes: str | None) -> None:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     if sl is not None:
         sl.requires_grad_()
-    args = (q, k, v, sl, case.causal, case.q_offset, 0.25)
+    args = (q, k, v, sl, case.causal, case.q_offset, 0.25, *OPT_ARGS)
     utils = (*FAST_UTILS, "test_aot_dispatch_dynamic") if slopes else FAST_UTILS
     torch.library.opcheck(torch.ops.alibi_lm.flash_attention_fwd.default, args, test_utils=utils)
 
@@ -40,9 +45,9 @@ def test_opcheck_forward(slopes: str | None) -> None:
 @pytest.mark.parametrize("need_dslopes", [False, True])
 def test_opcheck_backward(need_dslopes: bool) -> None:
     q, k, v, sl, case = _inputs("trainable")
-    o, lse = torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, case.q_offset, 0.25)
+    o, lse = torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, case.q_offset, 0.25, *OPT_ARGS)
     do = torch.randn_like(o)
-    args = (do, q, k, v, o, lse, sl, True, case.q_offset, 0.25, need_dslopes)
+    args = (do, q, k, v, o, lse, sl, True, case.q_offset, 0.25, need_dslopes, OPTIONS.autotune)
     torch.library.opcheck(torch.ops.alibi_lm.flash_attention_bwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     dq, dk, dv, dsl = torch.ops.alibi_lm.flash_attention_bwd(*args)
@@ -62,21 +67,22 @@ def test_eager_calls_match_the_ops_bitwise() -> None:
     the kernels are the same, so outputs and every gradient must be identical, not merely close."""
     q, k, v, sl, case = _inputs("trainable")
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sl)]
-    out = ta.triton_attention(*leaves[:3], slopes=leaves[3], causal=True, q_offset=case.q_offset, scale=0.25)
+    out = ta.triton_attention(*leaves[:3], slopes=leaves[3], causal=True, q_offset=case.q_offset, scale=0.25,
+                              options=OPTIONS)
     do = torch.randn_like(out)
     eager_grads = torch.autograd.grad(out, leaves, do)
     op_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sl)]
-    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25)[0]
+    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25, *OPT_ARGS)[0]
     op_grads = torch.autograd.grad(op_out, op_leaves, do)
     assert type(out.grad_fn).__name__ == "_EagerFlashAttentionBackward"  # the eager path was taken
     assert torch.equal(out, op_out)
     for got, want in zip(eager_grads, op_grads, strict=True):
         assert torch.equal(got, want)
     # no second derivative: an error, not gradients that silently lack it (the op's raises one step later)
-    out = ta.triton_attention(*leaves[:3], slopes=leaves[3], q_offset=case.q_offset, scale=0.25)
+    out = ta.triton_attention(*leaves[:3], slopes=leaves[3], q_offset=case.q_offset, scale=0.25, options=OPTIONS)
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(out, leaves, do, create_graph=True)
-    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25)[0]
+    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25, *OPT_ARGS)[0]
     op_grads = torch.autograd.grad(op_out, op_leaves, do, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(op_grads[0].sum(), op_leaves[0])

@@ -4,7 +4,8 @@ One new token has too few query rows to fill the GPU with query tiles, so the ke
 splits, each program reading one split of one key/value head for every query head of its GQA group
 and every query row at once (K and V are read from memory once per group, not once per head). A
 second kernel merges the splits' partial softmax states. With one split, the first kernel writes
-the normalised output itself and the merge is skipped. Semantics as `alibi_lm.kernels.attention`.
+the normalised output itself and the merge is skipped. Semantics as `alibi_lm.kernels.attention`;
+`triton_attention` routes calls here (a few queries, no gradient wanted) and validates their inputs.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from alibi_lm.kernels.triton_attention import _bias_positions, _dot
+from alibi_lm.kernels.triton_common import (
+    LOG2E,
+    bias_distance,
+    bias_positions,
+    block_d,
+    dot,
+    key_mask,
+    load_tile,
+    strides,
+)
 
-__all__ = ["triton_decode"]
+__all__ = ["decode_plan", "triton_decode"]
 
 _BLOCK_N = 64
 # Aim for this many programs per multiprocessor so each has loads in flight while others compute.
@@ -57,9 +67,9 @@ def _split_kernel(Q, K, V, Slopes, O, Opart, Mpart, Lpart,
                 mask=r_ok[:, None] & d_ok[None, :], other=0.0)
     slope_l2 = tl.zeros([BLOCK_R], tl.float32)
     if HAS_SLOPES:
-        slope_l2 = tl.load(Slopes + h, mask=r_ok, other=0.0) * 1.4426950408889634
+        slope_l2 = tl.load(Slopes + h, mask=r_ok, other=0.0) * LOG2E
     pos_q = (q_offset + i).to(tl.float32)
-    pos_b = _bias_positions(q_offset + i, Lk)  # see triton_attention._bias_positions
+    pos_b = bias_positions(q_offset + i, Lk)  # see triton_common.bias_positions
     K += b * skb + hkv * skh
     V += b * svb + hkv * svh
 
@@ -73,27 +83,21 @@ def _split_kernel(Q, K, V, Slopes, O, Opart, Mpart, Lpart,
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        k_ok = offs_k < hi
-        kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        v = tl.load(V + offs_k[:, None] * svn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        # every load is masked: D is a run-time argument of this kernel, and the split may end mid-block
+        kT = load_tile(K, offs_k, skn, offs_d, d_ok, hi, True, False, True)
+        v = load_tile(V, offs_k, svn, offs_d, d_ok, hi, True, False, False)
         pos_k = offs_k.to(tl.float32)
-        s = _dot(q, kT) * qk_scale
+        s = dot(q, kT) * qk_scale
         if HAS_SLOPES:
-            dist = pos_b[:, None] - pos_k[None, :]
-            if not CAUSAL:
-                dist = tl.abs(dist)
-            s = s - slope_l2[:, None] * dist
-        ok = k_ok[None, :]
-        if CAUSAL:
-            ok = ok & (pos_k[None, :] <= pos_q[:, None])
-        s = tl.where(ok, s, float("-inf"))
+            s = s - slope_l2[:, None] * bias_distance(pos_b, pos_k, CAUSAL, False)
+        s = key_mask(s, offs_k, hi, pos_k, pos_q, float("-inf"), CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row may have seen nothing yet in this split (causal, early split): keep exp2 away from -inf - -inf
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
     if DIRECT:
         out = acc / l_i[:, None]
@@ -150,6 +154,14 @@ def _split_plan(batch_kv_heads: int, n_keys: int, device: torch.device, host_bou
     return keys_per_split, triton.cdiv(n_keys, keys_per_split)
 
 
+def decode_plan(q: Tensor, k: Tensor) -> tuple[int, int]:
+    """(keys per split, number of splits) that `triton_decode` takes for q over k when called now: a
+    single pass for eager calls on a GPU over a short cache (host-bound, see _ONE_PASS_MAX_KEYS), else
+    splits enough to cover the GPU (also while a CUDA graph is being captured, where only GPU time counts)."""
+    host_bound = q.is_cuda and not torch.cuda.is_current_stream_capturing()
+    return _split_plan(q.shape[0] * k.shape[1], k.shape[2], q.device, host_bound)
+
+
 def triton_decode(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,
                   q_offset: int = 0, scale: float | None = None) -> Tensor:
     """Attention of a few queries over many keys, no autograd; layout and semantics as `attention`.
@@ -159,10 +171,9 @@ def triton_decode(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = No
     Hkv, Lk = k.shape[1], k.shape[2]
     group = H // Hkv
     scale = D**-0.5 if scale is None else scale
-    block_d = max(16, triton.next_power_of_2(D))
+    tile_d = block_d(D)
     block_r = max(16, triton.next_power_of_2(group * Lq))
-    host_bound = q.is_cuda and not torch.cuda.is_current_stream_capturing()
-    keys_per_split, n_split = _split_plan(B * Hkv, Lk, q.device, host_bound)
+    keys_per_split, n_split = decode_plan(q, k)
     o = torch.empty_like(q)
     has_slopes = slopes is not None
     sl = slopes.detach().to(torch.float32).contiguous() if has_slopes else o
@@ -170,17 +181,16 @@ def triton_decode(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = No
     if direct:
         opart = mpart = lpart = o  # unused pointers
     else:
-        opart = torch.empty((B * H * Lq, n_split, block_d), device=q.device, dtype=torch.float32)
+        opart = torch.empty((B * H * Lq, n_split, tile_d), device=q.device, dtype=torch.float32)
         mpart = torch.empty((B * H * Lq, n_split), device=q.device, dtype=torch.float32)
         lpart = torch.empty_like(mpart)
     _split_kernel[(n_split, B * Hkv)](
-        q, k, v, sl, o, opart, mpart, lpart, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, Hkv, group, Lq, Lk, q_offset, scale * 1.4426950408889634, keys_per_split, n_split, D,
+        q, k, v, sl, o, opart, mpart, lpart, *strides(q), *strides(k), *strides(v), *strides(o),
+        H, Hkv, group, Lq, Lk, q_offset, scale * LOG2E.value, keys_per_split, n_split, D,
         CAUSAL=causal, HAS_SLOPES=has_slopes, DIRECT=direct, BLOCK_R=block_r, BLOCK_N=_BLOCK_N,
-        BLOCK_D=block_d, num_warps=4, num_stages=3)
+        BLOCK_D=tile_d, num_warps=4, num_stages=3)
     if not direct:
-        _merge_kernel[(B * H * Lq,)](o, opart, mpart, lpart, o.stride(0), o.stride(1), o.stride(2), H, Lq,
-                                     n_split, D, BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=block_d,
+        _merge_kernel[(B * H * Lq,)](o, opart, mpart, lpart, *strides(o), H, Lq,
+                                     n_split, D, BLOCK_S=triton.next_power_of_2(n_split), BLOCK_D=tile_d,
                                      num_warps=4)
     return o
