@@ -93,3 +93,90 @@ def test_dropout_p_is_checked():
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match="dropout_p must be in"):
             attention(q, k, v, slopes=slopes, dropout_p=bad)
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+def _triton_inputs(causal=True, q_len=64, heads=2, kv_heads=1, seed=0):
+    """D = Lk = 64, so that v = the identity turns the output into the kept probabilities themselves."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, q_len, 64, generator=g).to(DEVICE, torch.bfloat16)
+    k = torch.randn(1, kv_heads, 64, 64, generator=g).to(DEVICE, torch.bfloat16)
+    v = torch.randn(1, kv_heads, 64, 64, generator=g).to(DEVICE, torch.bfloat16)
+    return q, k, v, alibi_slopes(heads).to(DEVICE)
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_mask(q, k, slopes, p, seed, causal, q_offset):
+    """The mask the kernel draws for this seed: with v = I its output is P o M / (1 - p)."""
+    eye = torch.eye(64, device=DEVICE).expand(1, k.shape[1], 64, 64).to(torch.bfloat16)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        probs = attention(q, k, eye, slopes=slopes, causal=causal, q_offset=q_offset, backend="triton", dropout_p=p)
+    return probs != 0
+
+
+@pytest.mark.parametrize("causal, q_len", [(True, 64), (True, 40), (False, 64)])
+def test_triton_dropout_keeps_the_share_and_its_gradients_use_the_forward_mask(causal, q_len):
+    """The kernels' mask, read off the output with v = I, keeps 1 - p of the visible probabilities; with
+    that mask a float64 reference gives the output and every gradient the forward and backward kernels
+    give (as close as the reference in the same low precision), so the backward regenerated the
+    forward's mask from the seed."""
+    p, seed = 0.3, 1234
+    q_offset = 64 - q_len
+    q, k, v, slopes = _triton_inputs(causal, q_len)
+    mask = _triton_mask(q, k, slopes, p, seed, causal, q_offset)
+    visible = torch.ones(q_len, 64, dtype=torch.bool, device=DEVICE)
+    if causal:
+        visible = torch.arange(64, device=DEVICE)[None, :] <= torch.arange(q_offset, 64, device=DEVICE)[:, None]
+    kept = mask[:, :, visible].double().mean().item()
+    assert abs(kept - (1 - p)) < 0.03, kept  # ~4k draws per case: 3 standard deviations are 0.02
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+
+    def with_mask(qq, kk, vv, sl, dtype):
+        group = qq.shape[1] // kk.shape[1]
+        qq, kk, vv = (t.to(dtype) for t in (qq, kk, vv))
+        kk, vv = (t.repeat_interleave(group, dim=1) for t in (kk, vv))
+        scores = torch.einsum("bhid,bhjd->bhij", qq, kk) * 64**-0.5
+        pos = torch.arange(q_offset, 64, device=DEVICE, dtype=dtype)
+        dist = (pos[:, None] - torch.arange(64, device=DEVICE, dtype=dtype)[None, :])
+        scores = scores - sl.to(dtype)[:, None, None] * (dist if causal else dist.abs())
+        if causal:
+            scores = scores.masked_fill(dist < 0, float("-inf"))
+        probs = torch.softmax(scores, -1) * mask / (1 - p)
+        return torch.einsum("bhij,bhjd->bhid", probs, vv)
+
+    names = ("dq", "dk", "dv", "dslopes")  # trained slopes: their gradient goes through the mask too
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, slopes)]
+    torch.manual_seed(seed)
+    out = attention(*leaves[:3], slopes=leaves[3], causal=causal, q_offset=q_offset, backend="triton", dropout_p=p)
+    out.backward(do.to(out.dtype))
+    results = {"out": out.detach(), **{n: t.grad for n, t in zip(names, leaves)}}
+    refs = {}
+    for dtype in (torch.float64, torch.float32):
+        ref_leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, slopes)]
+        ref_out = with_mask(*ref_leaves, dtype)
+        ref_out.backward(do.to(dtype))
+        refs[dtype] = {"out": ref_out.detach(), **{n: t.grad for n, t in zip(names, ref_leaves)}}
+    for name, want in refs[torch.float64].items():
+        err = (results[name].double() - want).abs().max().item()
+        ref_err = (refs[torch.float32][name].to(results[name].dtype).double() - want).abs().max().item()
+        floor = (16 if name == "dslopes" else 4) * 2.0**-8 * want.abs().max().item()  # as _attention_check
+        assert err <= 2 * ref_err + floor, (name, err, ref_err, floor)
+
+
+def test_triton_dropout_follows_the_generator_and_zero_is_the_plain_kernel():
+    q, k, v, slopes = _triton_inputs()
+    q.requires_grad_(True)  # the flash kernels, not decoding
+    torch.manual_seed(5)
+    a = attention(q, k, v, slopes=slopes, backend="triton", dropout_p=0.2)
+    torch.manual_seed(5)
+    b = attention(q, k, v, slopes=slopes, backend="triton", dropout_p=0.2)
+    c = attention(q, k, v, slopes=slopes, backend="triton", dropout_p=0.2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    state = torch.get_rng_state()
+    assert torch.equal(attention(q, k, v, slopes=slopes, backend="triton", dropout_p=0.0),
+                       attention(q, k, v, slopes=slopes, backend="triton"))
+    assert torch.equal(torch.get_rng_state(), state)

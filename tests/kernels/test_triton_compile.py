@@ -37,7 +37,7 @@ def test_opcheck_forward(slopes: str | None) -> None:
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     if sl is not None:
         sl.requires_grad_()
-    args = (q, k, v, sl, case.causal, case.q_offset, 0.25, *OPT_ARGS)
+    args = (q, k, v, sl, case.causal, case.q_offset, 0.25, 0.0, None, *OPT_ARGS)
     utils = (*FAST_UTILS, "test_aot_dispatch_dynamic") if slopes else FAST_UTILS
     torch.library.opcheck(torch.ops.alibi_lm.flash_attention_fwd.default, args, test_utils=utils)
 
@@ -45,9 +45,9 @@ def test_opcheck_forward(slopes: str | None) -> None:
 @pytest.mark.parametrize("need_dslopes", [False, True])
 def test_opcheck_backward(need_dslopes: bool) -> None:
     q, k, v, sl, case = _inputs("trainable")
-    o, lse = torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, case.q_offset, 0.25, *OPT_ARGS)
+    o, lse = torch.ops.alibi_lm.flash_attention_fwd(q, k, v, sl, True, case.q_offset, 0.25, 0.0, None, *OPT_ARGS)
     do = torch.randn_like(o)
-    args = (do, q, k, v, o, lse, sl, True, case.q_offset, 0.25, need_dslopes, OPTIONS.autotune)
+    args = (do, q, k, v, o, lse, sl, True, case.q_offset, 0.25, 0.0, None, need_dslopes, OPTIONS.autotune)
     torch.library.opcheck(torch.ops.alibi_lm.flash_attention_bwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     dq, dk, dv, dsl = torch.ops.alibi_lm.flash_attention_bwd(*args)
@@ -72,7 +72,7 @@ def test_eager_calls_match_the_ops_bitwise() -> None:
     do = torch.randn_like(out)
     eager_grads = torch.autograd.grad(out, leaves, do)
     op_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sl)]
-    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25, *OPT_ARGS)[0]
+    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25, 0.0, None, *OPT_ARGS)[0]
     op_grads = torch.autograd.grad(op_out, op_leaves, do)
     assert type(out.grad_fn).__name__ == "_EagerFlashAttentionBackward"  # the eager path was taken
     assert torch.equal(out, op_out)
@@ -82,7 +82,7 @@ def test_eager_calls_match_the_ops_bitwise() -> None:
     out = ta.triton_attention(*leaves[:3], slopes=leaves[3], q_offset=case.q_offset, scale=0.25, options=OPTIONS)
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(out, leaves, do, create_graph=True)
-    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25, *OPT_ARGS)[0]
+    op_out = torch.ops.alibi_lm.flash_attention_fwd(*op_leaves, True, case.q_offset, 0.25, 0.0, None, *OPT_ARGS)[0]
     op_grads = torch.autograd.grad(op_out, op_leaves, do, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(op_grads[0].sum(), op_leaves[0])

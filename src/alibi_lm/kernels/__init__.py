@@ -33,8 +33,8 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-#: whether the fused kernels take dropout_p (the in-kernel Philox mask)
-_TRITON_DROPOUT = False
+#: whether the fused kernels take dropout_p (the in-kernel Philox mask of triton_flash)
+_TRITON_DROPOUT = True
 
 
 def triton_installed() -> bool:
@@ -173,8 +173,6 @@ def attention(
                          "use backend='sdpa' or 'reference' with bias")
     if not triton_installed():
         raise ValueError("backend='triton' needs the triton package (pip install triton)")
-    if dropout_p > 0 and not _TRITON_DROPOUT:
-        raise ValueError("the triton backend has no attention dropout yet; use backend='sdpa' or 'reference'")
     if tolerance > 0 and dropout_p == 0 and not _wants_grad(q, k, v, slopes):
         from alibi_lm.kernels.triton_attention import _validate
         from alibi_lm.kernels.triton_bounded import bounded_attention

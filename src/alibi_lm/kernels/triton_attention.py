@@ -16,7 +16,7 @@ from torch import Tensor
 
 from alibi_lm.kernels.triton_common import INTERPRET, KernelOptions, last_dim_contiguous
 from alibi_lm.kernels.triton_decode import triton_decode
-from alibi_lm.kernels.triton_flash import flash_backward, flash_forward_with_lse
+from alibi_lm.kernels.triton_flash import Dropout, draw_dropout, flash_backward, flash_forward_with_lse
 
 __all__ = ["DECODE_MAX_QUERIES", "HEAD_DIMS", "KernelOptions", "flash_forward", "supports", "triton_attention"]
 
@@ -49,33 +49,41 @@ def _kernel_layout(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None
     return q, k, v, (None if slopes is None else slopes.contiguous())
 
 
-# The ops take the launch options as two plain bools (tma, autotune): a schema holds no dataclass.
+def _dropout(dropout_p: float, seed: Tensor | None) -> Dropout | None:
+    return None if seed is None else Dropout(dropout_p, seed)
+
+
+# The ops take the launch options as two plain bools (tma, autotune), and dropout as its probability and
+# seed tensor (None: no dropout): a schema holds no dataclass.
 @torch.library.custom_op("alibi_lm::flash_attention_fwd", mutates_args=())
 def _flash_fwd_op(q: Tensor, k: Tensor, v: Tensor, slopes: Optional[Tensor], causal: bool, q_offset: int,  # noqa: UP045
-                  scale: float, tma: bool, autotune: bool) -> tuple[Tensor, Tensor]:
+                  scale: float, dropout_p: float, seed: Optional[Tensor], tma: bool, autotune: bool  # noqa: UP045
+                  ) -> tuple[Tensor, Tensor]:
     """(out like q, lse float32 (B, H, Lq) in the log2 domain)."""
     q, k, v, slopes = _kernel_layout(q, k, v, slopes)
-    return flash_forward_with_lse(q, k, v, slopes, causal, q_offset, scale, options=KernelOptions(tma, autotune))
+    return flash_forward_with_lse(q, k, v, slopes, causal, q_offset, scale, options=KernelOptions(tma, autotune),
+                                  dropout=_dropout(dropout_p, seed))
 
 
 @_flash_fwd_op.register_fake
 def _flash_fwd_fake(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
-                    scale: float, tma: bool, autotune: bool) -> tuple[Tensor, Tensor]:
+                    scale: float, dropout_p: float, seed: Tensor | None, tma: bool, autotune: bool
+                    ) -> tuple[Tensor, Tensor]:
     B, H, Lq, _ = q.shape
     return torch.empty_like(last_dim_contiguous(q)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
 @torch.library.custom_op("alibi_lm::flash_attention_bwd", mutates_args=())
 def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Optional[Tensor],  # noqa: UP045
-                  causal: bool, q_offset: int, scale: float, need_dslopes: bool, autotune: bool
-                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  causal: bool, q_offset: int, scale: float, dropout_p: float, seed: Optional[Tensor],  # noqa: UP045
+                  need_dslopes: bool, autotune: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dslopes): dk and dv shaped like k and v (GQA), dslopes float32 (H,) when
     need_dslopes, else an empty tensor (a custom op cannot return None). The backward kernels have
     no descriptor loads, so autotune is their only option."""
     q, k, v, slopes = _kernel_layout(q, k, v, slopes)
     o, lse = last_dim_contiguous(o), lse.contiguous()
     dq, dk, dv, dsl = flash_backward(do, q, k, v, o, lse, slopes, causal, q_offset, scale, need_dslopes,
-                                     options=KernelOptions(autotune=autotune))
+                                     options=KernelOptions(autotune=autotune), dropout=_dropout(dropout_p, seed))
     if dsl is None:
         dsl = q.new_empty((0,), dtype=torch.float32)
     return dq, dk, dv, dsl
@@ -83,8 +91,8 @@ def _flash_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
 
 @_flash_bwd_op.register_fake
 def _flash_bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-                    causal: bool, q_offset: int, scale: float, need_dslopes: bool, autotune: bool
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    causal: bool, q_offset: int, scale: float, dropout_p: float, seed: Tensor | None,
+                    need_dslopes: bool, autotune: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     n_sl = q.shape[1] if need_dslopes else 0
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -92,10 +100,11 @@ def _flash_bwd_fake(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse:
 
 
 def _save_for_backward(ctx, inputs: tuple, output: tuple[Tensor, Tensor], options: KernelOptions) -> None:
-    q, k, v, slopes, causal, q_offset, scale = inputs
+    q, k, v, slopes, causal, q_offset, scale, dropout_p, seed = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, slopes)
+    ctx.save_for_backward(q, k, v, o, lse, slopes, seed)
     ctx.args = (causal, q_offset, scale)
+    ctx.dropout_p = dropout_p
     ctx.options = options
 
 
@@ -106,12 +115,12 @@ def _flash_setup_context(ctx, inputs, output) -> None:
 
 def _flash_backward(ctx, do: Tensor, _dlse: Tensor | None):
     # lse is an internal output (the public function returns only out), so its gradient is ignored
-    q, k, v, o, lse, slopes = ctx.saved_tensors
+    q, k, v, o, lse, slopes, seed = ctx.saved_tensors
     causal, q_offset, scale = ctx.args
     need_dslopes = slopes is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dsl = _flash_bwd_op(do, q, k, v, o, lse, slopes, causal, q_offset, scale, need_dslopes,
-                                    ctx.options.autotune)
-    return dq, dk, dv, (dsl if need_dslopes else None), None, None, None, None, None
+    dq, dk, dv, dsl = _flash_bwd_op(do, q, k, v, o, lse, slopes, causal, q_offset, scale, ctx.dropout_p, seed,
+                                    need_dslopes, ctx.options.autotune)
+    return dq, dk, dv, (dsl if need_dslopes else None), None, None, None, None, None, None, None
 
 
 _flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup_context)
@@ -124,12 +133,13 @@ class _EagerFlashAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
-                scale: float, options: KernelOptions) -> tuple[Tensor, Tensor]:
-        return flash_forward_with_lse(q, k, v, slopes, causal, q_offset, scale, options=options)
+                scale: float, dropout_p: float, seed: Tensor | None, options: KernelOptions) -> tuple[Tensor, Tensor]:
+        return flash_forward_with_lse(q, k, v, slopes, causal, q_offset, scale, options=options,
+                                      dropout=_dropout(dropout_p, seed))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _save_for_backward(ctx, inputs[:7], output, inputs[7])
+        _save_for_backward(ctx, inputs[:9], output, inputs[9])
         ctx.mark_non_differentiable(output[1])
         ctx.set_materialize_grads(False)  # no zero tensor for lse's gradient, which is never used
 
@@ -138,10 +148,11 @@ class _EagerFlashAttention(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients have no gradient of their own
             raise RuntimeError("the Triton attention kernel has no double backward (create_graph=True); "
                                "use backend='sdpa' or 'reference' for higher-order gradients")
-        q, k, v, o, lse, slopes = ctx.saved_tensors
+        q, k, v, o, lse, slopes, seed = ctx.saved_tensors
         need_dslopes = slopes is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dsl = flash_backward(do, q, k, v, o, lse, slopes, *ctx.args, need_dslopes, options=ctx.options)
-        return dq, dk, dv, dsl, None, None, None, None
+        dq, dk, dv, dsl = flash_backward(do, q, k, v, o, lse, slopes, *ctx.args, need_dslopes, options=ctx.options,
+                                         dropout=_dropout(ctx.dropout_p, seed))
+        return dq, dk, dv, dsl, None, None, None, None, None, None
 
 
 @torch.library.custom_op("alibi_lm::decode_attention", mutates_args=())
@@ -179,12 +190,15 @@ def _validate(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,
-                     q_offset: int = 0, scale: float | None = None, options: KernelOptions | None = None) -> Tensor:
+                     q_offset: int = 0, scale: float | None = None, dropout_p: float = 0.0,
+                     options: KernelOptions | None = None) -> Tensor:
     """Fused attention with an in-kernel ALiBi bias; arguments and layout as `alibi_lm.attention`.
 
-    Few queries over a cache (Lq <= DECODE_MAX_QUERIES) with no gradient wanted take the split-K
-    decoding kernel; everything else the flash kernel, differentiable in q, k, v and slopes. options
-    (None: `KernelOptions.from_env()`) say how the flash kernels are launched, forward and backward."""
+    Few queries over a cache (Lq <= DECODE_MAX_QUERIES) with no gradient wanted and no dropout take the
+    split-K decoding kernel; everything else the flash kernel, differentiable in q, k, v and slopes. With
+    dropout_p > 0 the flash kernels drop probabilities by an in-kernel Philox mask whose seed is drawn
+    here from torch's generator of q's device (`triton_flash.draw_dropout`). options (None:
+    `KernelOptions.from_env()`) say how the flash kernels are launched, forward and backward."""
     _validate(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.shape[2] == 0:
@@ -195,16 +209,18 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None =
     # Traced calls (torch.compile, export; fake tensors, which are a Tensor subclass) keep the custom
     # ops, whose fake implementations the tracers need; plain tensors take the leaner eager path.
     traced = torch.compiler.is_compiling() or type(q) is not Tensor
-    if not wants_grad and q.shape[2] <= DECODE_MAX_QUERIES:
+    if not wants_grad and q.shape[2] <= DECODE_MAX_QUERIES and dropout_p == 0:
         if traced:
             return _decode_op(q, k, v, slopes, causal, q_offset, scale)
         return triton_decode(q, k, v, slopes=slopes, causal=causal, q_offset=q_offset, scale=scale)
     options = KernelOptions.from_env() if options is None else options
     # the cast is differentiable: autograd brings dslopes back to the slopes' own dtype
     sl32 = None if slopes is None else slopes.to(torch.float32).contiguous()
+    dropout = draw_dropout(dropout_p, q.device)
+    p, seed = (0.0, None) if dropout is None else dropout
     if traced:
-        return _flash_fwd_op(q, k, v, sl32, causal, q_offset, scale, options.tma, options.autotune)[0]
-    return _EagerFlashAttention.apply(q, k, v, sl32, causal, q_offset, scale, options)[0]
+        return _flash_fwd_op(q, k, v, sl32, causal, q_offset, scale, p, seed, options.tma, options.autotune)[0]
+    return _EagerFlashAttention.apply(q, k, v, sl32, causal, q_offset, scale, p, seed, options)[0]
 
 
 def flash_forward(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,

@@ -50,8 +50,8 @@ from alibi_lm.kernels.triton_common import (
     strides,
 )
 
-__all__ = ["FlashKernels", "flash_backward", "flash_forward_with_lse", "flash_kernels", "forward_launch",
-           "tensor_descriptor", "tma_capable"]
+__all__ = ["Dropout", "FlashKernels", "draw_dropout", "flash_backward", "flash_forward_with_lse", "flash_kernels",
+           "forward_launch", "tensor_descriptor", "tma_capable"]
 
 
 def _tma_block_shapes(nargs: dict) -> None:
@@ -107,6 +107,20 @@ def _scores(q, kT, pos_b, pos_k, anchor, qk_scale, slope_l2, CAUSAL: tl.constexp
 
 
 @triton.jit
+def _kept(Seed, bh, rows, cols, Lk, dropout_p, TRANSPOSED: tl.constexpr):
+    """The dropout mask of one tile: True where the probability of (query row, key col) is kept. A
+    counter-based draw (Philox, keyed by the call's seed and the (batch, head), counted by row * Lk + col),
+    so the forward and both backward kernels regenerate the same mask from (seed, position) and no
+    L x L mask exists in memory. TRANSPOSED: a (keys, queries) tile, as the dK/dV kernel holds it."""
+    seed = tl.load(Seed) + bh
+    if TRANSPOSED:
+        counter = rows.to(tl.int64)[None, :] * Lk + cols[:, None]
+    else:
+        counter = rows.to(tl.int64)[:, None] * Lk + cols[None, :]
+    return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
 def _key_blocks(start_m, q_offset, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(full_end, hi) for the query tile at start_m: key blocks before full_end are wholly visible to every
     row of the tile and need neither the causal nor the length mask; those in [full_end, hi) need them;
@@ -125,8 +139,9 @@ def _key_blocks(start_m, q_offset, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constex
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo, hi, pos_q, pos_b, anchor, offs_n,
-               offs_d, Lk, D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
-               MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               offs_d, Lk, D: tl.constexpr, qk_scale, slope_l2, Seed, bh, offs_m, dropout_p, keep_scale,
+               CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr,
+               DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
@@ -145,18 +160,20 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, stride_kn, stride_vn, lo,
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's own sum: dropout acts after the normalisation
+        if DROPOUT:
+            p = tl.where(_kept(Seed, bh, offs_m, offs_k, Lk, dropout_p, False), p * keep_scale, 0.0)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
+def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE, Seed,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-                H, GROUP, Lq, Lk, q_offset, qk_scale, D: tl.constexpr, LQ_BUCKET, LK_BUCKET,
-                CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                H, GROUP, Lq, Lk, q_offset, qk_scale, dropout_p, keep_scale, D: tl.constexpr, LQ_BUCKET, LK_BUCKET,
+                CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, USE_TMA: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """With USE_TMA the tiles move through Qd, Kd, Vd, Od, tensor descriptors of the (B, H, L, D) tensors
     Q, K, V, O (which then only give the autotuner their dtypes); without, through pointers."""
     start_m = tl.program_id(0) * BLOCK_M
@@ -188,11 +205,11 @@ def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, hi = _key_blocks(start_m, q_offset, Lk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, 0, full_end, pos_q, pos_b, anchor,
-                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, USE_TMA, BLOCK_N,
-                               BLOCK_D)
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, Seed, bh, offs_m, dropout_p, keep_scale,
+                               CAUSAL, HAS_SLOPES, False, USE_TMA, DROPOUT, BLOCK_N, BLOCK_D)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, Kd, Vd, b, hkv, skn, svn, full_end, hi, pos_q, pos_b, anchor,
-                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, USE_TMA, BLOCK_N,
-                               BLOCK_D)
+                               offs_n, offs_d, Lk, D, qk_scale, slope_l2, Seed, bh, offs_m, dropout_p, keep_scale,
+                               CAUSAL, HAS_SLOPES, True, USE_TMA, DROPOUT, BLOCK_N, BLOCK_D)
     acc = acc / l_i[:, None]
     lse = m_i + tl.math.log2(l_i) - _row_term(pos_b, anchor, slope_l2, CAUSAL, HAS_SLOPES)
     tl.store(LSE + bh * Lq + offs_m, lse, mask=m_ok)
@@ -204,7 +221,7 @@ def _fwd_kernel(Q, K, V, Qd, Kd, Vd, Od, Slopes, O, LSE,
                  mask=m_ok[:, None] & d_ok[None, :])
 
 
-_KEY = ["LQ_BUCKET", "LK_BUCKET", "D", "CAUSAL", "HAS_SLOPES"]
+_KEY = ["LQ_BUCKET", "LK_BUCKET", "D", "CAUSAL", "HAS_SLOPES", "DROPOUT"]
 _fwd = triton.autotune(_FWD_CONFIGS, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
 _fwd_wide = triton.autotune(_FWD_WIDE, key=[*_KEY, "USE_TMA"])(_fwd_kernel)
 
@@ -230,8 +247,9 @@ def _delta_kernel(O, dO, Delta, sob, soh, som, sdob, sdoh, sdom, H, Lq, D: tl.co
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_m, offs_d, Lq, Lk, q_offset,
-                D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                D: tl.constexpr, qk_scale, slope_l2, Seed, bh, offs_n, dropout_p, keep_scale, CAUSAL: tl.constexpr,
+                HAS_SLOPES: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     """Accumulate one query head's contribution to a resident key tile, queries in [lo, hi)."""
     d_ok = offs_d < D
     for start_m in range(lo, hi, BLOCK_M):
@@ -256,20 +274,27 @@ def _dkdv_inner(dk, dv, k, v, Q, dO, LSE, Delta, sqm, sdom, lo, hi, pos_k, offs_
         pT = tl.math.exp2(sT - lse[None, :])
         if MASKED and CAUSAL:
             pT = tl.where(pos_k[:, None] <= pos_q[None, :], pT, 0.0)
-        dv += dot(pT.to(do.dtype), do)
         dpT = dot(v, tl.trans(do))
+        if DROPOUT:
+            # the forward's mask again: dV sees the kept, rescaled probabilities, and the gradient of a
+            # dropped probability is zero (dS = P o (Z o dP / (1 - p) - delta), FlashAttention-2's form)
+            kept = _kept(Seed, bh, rows, offs_n, Lk, dropout_p, True)
+            dv += dot(tl.where(kept, pT * keep_scale, 0.0).to(do.dtype), do)
+            dpT = tl.where(kept, dpT * keep_scale, 0.0)
+        else:
+            dv += dot(pT.to(do.dtype), do)
         dsT = pT * (dpT - delta[None, :])
         dk += dot(dsT.to(qT.dtype), tl.trans(qT))
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
+def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV, Seed,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
-                 H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D: tl.constexpr, LQ_BUCKET, LK_BUCKET,
-                 CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 H, Hkv, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, dropout_p, keep_scale, D: tl.constexpr,
+                 LQ_BUCKET, LK_BUCKET, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, DROPOUT: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhkv = tl.program_id(1)
     b = bhkv // Hkv
@@ -306,11 +331,14 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
         LSEh = LSE + bh * Lq
         Dh = Delta + bh * Lq
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_lo, diag_hi, pos_k, offs_m, offs_d,
-                             Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_M, BLOCK_D)
+                             Lq, Lk, q_offset, D, qk_scale, slope_l2, Seed, bh, offs_n, dropout_p, keep_scale,
+                             CAUSAL, HAS_SLOPES, True, DROPOUT, BLOCK_M, BLOCK_D)
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, diag_hi, lq_full, pos_k, offs_m, offs_d,
-                             Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, False, BLOCK_M, BLOCK_D)
+                             Lq, Lk, q_offset, D, qk_scale, slope_l2, Seed, bh, offs_n, dropout_p, keep_scale,
+                             CAUSAL, HAS_SLOPES, False, DROPOUT, BLOCK_M, BLOCK_D)
         dk, dv = _dkdv_inner(dk, dv, k, v, Qh, dOh, LSEh, Dh, sqm, sdom, mid_hi, Lq, pos_k, offs_m, offs_d,
-                             Lq, Lk, q_offset, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, True, BLOCK_M, BLOCK_D)
+                             Lq, Lk, q_offset, D, qk_scale, slope_l2, Seed, bh, offs_n, dropout_p, keep_scale,
+                             CAUSAL, HAS_SLOPES, True, DROPOUT, BLOCK_M, BLOCK_D)
     tl.store(dK + b * sdkb + hkv * sdkh + offs_n[:, None] * sdkn + offs_d[None, :],
              (dk * sm_scale).to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dV + b * sdvb + hkv * sdvh + offs_n[:, None] * sdvn + offs_d[None, :],
@@ -319,8 +347,9 @@ def _dkdv_kernel(Q, K, V, dO, LSE, Delta, Slopes, dK, dV,
 
 @triton.jit
 def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, pos_b, anchor, offs_n, offs_d, Lk,
-              D: tl.constexpr, qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr,
-              NEED_DSLOPES: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              D: tl.constexpr, qk_scale, slope_l2, Seed, bh, offs_m, dropout_p, keep_scale, CAUSAL: tl.constexpr,
+              HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     d_ok = offs_d < D
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + offs_n
@@ -332,6 +361,8 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, 
         if MASKED:
             p = key_mask(p, offs_k, Lk, pos_k, pos_q, 0.0, CAUSAL)
         dp = dot(do, vT)
+        if DROPOUT:  # as in _dkdv_inner: the gradient reaches only the kept probabilities, rescaled
+            dp = tl.where(_kept(Seed, bh, offs_m, offs_k, Lk, dropout_p, False), dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += dot(ds.to(kT.dtype), tl.trans(kT))
         if NEED_DSLOPES:
@@ -347,11 +378,11 @@ def _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, lo, hi, pos_q, 
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
+def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl, Seed,
                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sdqb, sdqh, sdqm,
-               H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, D: tl.constexpr, LQ_BUCKET, LK_BUCKET,
-               CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               H, GROUP, Lq, Lk, q_offset, qk_scale, sm_scale, dropout_p, keep_scale, D: tl.constexpr, LQ_BUCKET,
+               LK_BUCKET, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr, NEED_DSLOPES: tl.constexpr,
+               DROPOUT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -381,11 +412,11 @@ def _dq_kernel(Q, K, V, dO, LSE, Delta, Slopes, dQ, dSl,
     sz = tl.zeros([BLOCK_M], tl.float32)
     full_end, hi = _key_blocks(start_m, q_offset, Lk, CAUSAL, BLOCK_M, BLOCK_N)
     dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, 0, full_end, pos_q, pos_b,
-                               anchor, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
-                               False, BLOCK_N, BLOCK_D)
+                               anchor, offs_n, offs_d, Lk, D, qk_scale, slope_l2, Seed, bh, offs_m, dropout_p,
+                               keep_scale, CAUSAL, HAS_SLOPES, NEED_DSLOPES, False, DROPOUT, BLOCK_N, BLOCK_D)
     dq, sx, sy, sz = _dq_inner(dq, sx, sy, sz, q, do, lse, delta, K, V, skn, svn, full_end, hi, pos_q, pos_b,
-                               anchor, offs_n, offs_d, Lk, D, qk_scale, slope_l2, CAUSAL, HAS_SLOPES, NEED_DSLOPES,
-                               True, BLOCK_N, BLOCK_D)
+                               anchor, offs_n, offs_d, Lk, D, qk_scale, slope_l2, Seed, bh, offs_m, dropout_p,
+                               keep_scale, CAUSAL, HAS_SLOPES, NEED_DSLOPES, True, DROPOUT, BLOCK_N, BLOCK_D)
     tl.store(dQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=mask)
     if NEED_DSLOPES:
@@ -401,6 +432,31 @@ _dq_wide = triton.autotune(_DQ_WIDE, key=[*_KEY, "NEED_DSLOPES"])(_dq_kernel)
 
 # ----------------------------------------------------------------------------------------------------
 # launchers
+
+
+class Dropout(NamedTuple):
+    """Attention dropout of one call: the probability `p` of dropping, and `seed`, an int64 tensor of one
+    element drawn from torch's generator of the device at the call (`draw_dropout`): the kernels read it
+    on the device, so a call never waits for the host and a CUDA graph can replay it."""
+
+    p: float
+    seed: Tensor
+
+
+def draw_dropout(p: float, device: torch.device) -> Dropout | None:
+    """The dropout of a call with probability p (None for p = 0, which draws nothing): the seed comes from
+    torch's default generator of `device`, so `torch.manual_seed(s)` before two calls repeats the mask,
+    and a run resumed with its saved RNG state repeats it too."""
+    if p <= 0:
+        return None
+    return Dropout(float(p), torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64))
+
+
+def _dropout_args(dropout: Dropout | None, any_tensor: Tensor) -> tuple[Tensor, float, float]:
+    """(seed pointer, p, 1 / (1 - p)) for the kernels; a placeholder pointer and no scaling without."""
+    if dropout is None:
+        return any_tensor, 0.0, 1.0
+    return dropout.seed, dropout.p, 1.0 / (1.0 - dropout.p)
 
 
 class FlashKernels(NamedTuple):
@@ -447,7 +503,7 @@ def tensor_descriptor(t: Tensor) -> TensorDescriptor:
 
 
 def forward_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None, causal: bool,
-                   q_offset: int, scale: float, tma: bool
+                   q_offset: int, scale: float, tma: bool, dropout: Dropout | None = None
                    ) -> tuple[TunedKernel, Grid, tuple, tuple[Any, ...], dict[str, Any]]:
     """The forward kernel's launch into o and lse as `flash_forward_with_lse` makes it: (kernel, grid, key,
     args, kwargs) for `kernel.launch(grid, key, args, kwargs)`; kwargs are the constexpr flags, and args
@@ -462,30 +518,35 @@ def forward_launch(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slop
     use_tma = tma and tile_d <= 128 and tma_capable(q, k, v, o)
     descriptors = [tensor_descriptor(t) for t in (q, k, v, o)] if use_tma else [q, k, v, o]
     buckets = (bucket(Lq), bucket(Lk))
-    args = (q, k, v, *descriptors, sl, o, lse, *strides(q), *strides(k), *strides(v), *strides(o),
-            H, H // Hkv, Lq, Lk, q_offset, scale * LOG2E.value, D, *buckets)
-    key = (q.dtype, D, *buckets, causal, has_slopes, use_tma)
-    flags = dict(CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, BLOCK_D=tile_d)
+    seed, dropout_p, keep_scale = _dropout_args(dropout, lse)
+    args = (q, k, v, *descriptors, sl, o, lse, seed, *strides(q), *strides(k), *strides(v), *strides(o),
+            H, H // Hkv, Lq, Lk, q_offset, scale * LOG2E.value, dropout_p, keep_scale, D, *buckets)
+    key = (q.dtype, D, *buckets, causal, has_slopes, use_tma, dropout is not None)
+    flags = dict(CAUSAL=causal, HAS_SLOPES=has_slopes, USE_TMA=use_tma, DROPOUT=dropout is not None, BLOCK_D=tile_d)
     return _KERNELS[tile_d > 128].forward, grid, key, args, flags
 
 
 def flash_forward_with_lse(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None, causal: bool, q_offset: int,
-                           scale: float, *, options: KernelOptions) -> tuple[Tensor, Tensor]:
+                           scale: float, *, options: KernelOptions, dropout: Dropout | None = None
+                           ) -> tuple[Tensor, Tensor]:
     """(out like q, lse float32 (B, H, Lq) in the log2 domain): the forward launcher. Inputs as the custom
-    ops hand them over: validated, unit stride along the head dim, slopes float32 and dense, or None."""
+    ops hand them over: validated, unit stride along the head dim, slopes float32 and dense, or None.
+    lse is that of the softmax before dropout (what the backward recomputes the probabilities from)."""
     B, H, Lq, _ = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    kernel, grid, key, args, flags = forward_launch(q, k, v, o, lse, slopes, causal, q_offset, scale, options.tma)
+    kernel, grid, key, args, flags = forward_launch(q, k, v, o, lse, slopes, causal, q_offset, scale, options.tma,
+                                                    dropout)
     kernel.launch(grid, key, args, flags, autotune=options.autotune)
     return o, lse
 
 
 def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
-                   causal: bool, q_offset: int, scale: float, need_dslopes: bool, *, options: KernelOptions
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+                   causal: bool, q_offset: int, scale: float, need_dslopes: bool, *, options: KernelOptions,
+                   dropout: Dropout | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """dq, dk, dv and dslopes (float32 (H,), or None without need_dslopes) by two kernels: dK/dV over key
-    tiles, dQ over query tiles, each recomputing the probabilities. o and lse are the forward's."""
+    tiles, dQ over query tiles, each recomputing the probabilities (and, with `dropout`, the forward's
+    mask from the same seed). o and lse are the forward's."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     tile_d = block_d(D)
@@ -502,17 +563,19 @@ def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     qk_scale = scale * LOG2E.value
     buckets = (bucket(Lq), bucket(Lk))
     kernels = _KERNELS[tile_d > 128]
-    flags = dict(CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=tile_d)
-    key = (q.dtype, D, *buckets, causal, has_slopes)
+    seed, dropout_p, keep_scale = _dropout_args(dropout, lse)
+    flags = dict(CAUSAL=causal, HAS_SLOPES=has_slopes, DROPOUT=dropout is not None, BLOCK_D=tile_d)
+    key = (q.dtype, D, *buckets, causal, has_slopes, dropout is not None)
     grid_kv = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)
     kernels.dkdv.launch(grid_kv, key, (
-        q, k, v, do, lse, delta, sl, dk, dv, *strides(q), *strides(k), *strides(v), *strides(do),
-        *strides(dk), *strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets), flags,
+        q, k, v, do, lse, delta, sl, dk, dv, seed, *strides(q), *strides(k), *strides(v), *strides(do),
+        *strides(dk), *strides(dv), H, Hkv, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, dropout_p, keep_scale, D,
+        *buckets), flags,
         autotune=options.autotune)
     grid_q = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     kernels.dq.launch(grid_q, (*key, need_dslopes), (
-        q, k, v, do, lse, delta, sl, dq, dsl, *strides(q), *strides(k), *strides(v), *strides(do),
-        *strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, D, *buckets),
+        q, k, v, do, lse, delta, sl, dq, dsl, seed, *strides(q), *strides(k), *strides(v), *strides(do),
+        *strides(dq), H, H // Hkv, Lq, Lk, q_offset, qk_scale, scale, dropout_p, keep_scale, D, *buckets),
         dict(flags, NEED_DSLOPES=need_dslopes), autotune=options.autotune)
     dslopes = dsl.view(B, H, Lq).sum(dim=(0, 2)) if need_dslopes else None
     return dq, dk, dv, dslopes
