@@ -57,6 +57,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
+from alibi_lm.kernels import triton_flash as tf  # noqa: E402
+from alibi_lm.kernels.triton_common import KernelOptions  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
@@ -89,11 +91,12 @@ def main() -> None:
     q, k, v, do = (torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
     sl = alibi_slopes(H).to(DEV)
     scale = D**-0.5
-    o, lse = ta._forward(q, k, v, sl, True, 0, scale)
+    options = KernelOptions()
+    o, lse = tf.flash_forward_with_lse(q, k, v, sl, True, 0, scale, options=options)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
 
     def backward_launcher() -> tuple[torch.Tensor, ...]:
-        return ta._backward(do, q, k, v, o, lse, sl, True, 0, scale, False)[:3]
+        return tf.flash_backward(do, q, k, v, o, lse, sl, True, 0, scale, False, options=options)[:3]
 
     class Trivial(torch.autograd.Function):
         @staticmethod
@@ -107,9 +110,7 @@ def main() -> None:
     class DeltaOnly(Trivial):
         @staticmethod
         def backward(ctx, g):
-            delta = torch.empty_like(lse)
-            ta._delta_kernel[(triton.cdiv(L, 64), B * H)](o, g, delta, *ta._strides(o), *ta._strides(g), H, L, D,
-                                                          BLOCK_M=64, BLOCK_D=ta._block_d(D))
+            tf.backward_delta(o, g)
             return torch.empty_like(g), torch.empty_like(g), torch.empty_like(g)
 
     class Full(Trivial):

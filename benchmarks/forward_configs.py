@@ -77,7 +77,8 @@ if ARGS.cpu_smoke:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from alibi_lm.kernels import triton_attention as ta  # noqa: E402
+from alibi_lm.kernels import triton_flash as tf  # noqa: E402
+from alibi_lm.kernels.triton_common import KernelOptions  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
 from kernel_profile import median_ms  # noqa: E402
 
@@ -89,7 +90,8 @@ def _ms(fn) -> float:
 
 
 def _check_flag(flag: str) -> None:
-    params = inspect.signature(ta._fwd.fn.fn).parameters  # the kernel's Python function, JIT or interpreted
+    # the kernel's Python function, JIT or interpreted
+    params = inspect.signature(tf.flash_kernels(64).forward.autotuner.fn.fn).parameters
     if flag not in params or "constexpr" not in str(params[flag].annotation):
         sys.exit(f"_fwd_kernel has no constexpr {flag!r}: apply the experiment's patch first "
                  "(benchmarks/NOTES-kernel.md describes them)")
@@ -101,20 +103,19 @@ def measure(D: int, L: int, configs: list[tuple[int, int, int, int]], flag: str 
     q, k, v = (torch.randn(B, H, L, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
     sl = alibi_slopes(H).to(DEV)
     flops = 2 * B * H * L * L * D
-    forward = functools.partial(ta._forward, q, k, v, sl, True, 0, D**-0.5)
+    forward = functools.partial(tf.flash_forward_with_lse, q, k, v, sl, True, 0, D**-0.5, options=KernelOptions())
+    kernel = tf.flash_kernels(D).forward
     out: dict = {}
     ref = None
     for m, n, w, s in configs:
         for value in (False, True) if flag else (None,):
             name = f"D{D} L{L} {m}x{n} w{w} s{s}" + (f" {flag.lower()}={value}" if flag else "")
-            params = {"BLOCK_M": m, "BLOCK_N": n, **({flag: value} if flag else {})}
-            # a new config list: the autotuner (one config, so no tuning) and our launcher's cache start over
-            ta._fwd.configs = [triton.Config(params, num_warps=w, num_stages=s, pre_hook=ta._tma_block_shapes)]
-            ta._fwd.cache.clear()
+            config = tf.forward_config(m, n, w, s, **({flag: value} if flag else {}))
             try:
-                o = forward()[0]
-                ref = o if ref is None else ref
-                ms = _ms(forward)
+                with kernel.pinned(config):  # this config alone, whatever the autotuner chose before
+                    o = forward()[0]
+                    ref = o if ref is None else ref
+                    ms = _ms(forward)
                 out[name] = dict(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1),
                                  diff=(o.float() - ref.float()).abs().max().item())
             except Exception as exc:  # noqa: BLE001 - a config that fails to compile is a result
@@ -135,20 +136,15 @@ def main() -> None:
     elif ARGS.cpu_smoke:
         configs = [(32, 16, 4, 1), (16, 16, 4, 1)]
     else:
-        configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in ta._FWD_CONFIGS]
+        configs = tf.forward_configs(64)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": "cpu (interpreter)" if ARGS.cpu_smoke else torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__,
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv)}
     result: dict = {"meta": meta, "runs": {}}
-    original = ta._fwd.configs
-    try:
-        for D, L in shapes:
-            result["runs"].update(measure(D, L, configs, ARGS.flag))
-            (ARGS.out / "forward-configs.json").write_text(json.dumps(result, indent=1))
-    finally:
-        ta._fwd.configs = original
-        ta._fwd.cache.clear()
+    for D, L in shapes:
+        result["runs"].update(measure(D, L, configs, ARGS.flag))
+        (ARGS.out / "forward-configs.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

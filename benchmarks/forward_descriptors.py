@@ -56,7 +56,8 @@ if ARGS.cpu_smoke:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from alibi_lm.kernels import triton_attention as ta  # noqa: E402
+from alibi_lm.kernels import triton_flash as tf  # noqa: E402
+from alibi_lm.kernels.triton_common import KernelOptions  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
 from kernel_profile import median_ms  # noqa: E402
 
@@ -78,10 +79,12 @@ def measure(D: int, L: int) -> dict:
     row: dict = {"D": D, "L": L, "B": B, "H": H}
     outs = {}
     for tma in (True, False):
-        fn = functools.partial(ta._forward, q, k, v, sl, True, 0, D**-0.5, tma=tma)
+        fn = functools.partial(tf.flash_forward_with_lse, q, k, v, sl, True, 0, D**-0.5,
+                               options=KernelOptions(tma=tma))
         outs[tma] = fn()[0]
         ms = _ms(fn)
-        config = str(ta._fwd.best_config)  # the autotuner's choice for this way (its key includes USE_TMA)
+        # the autotuner's choice for this way (its key includes USE_TMA)
+        config = str(tf.flash_kernels(D).forward.autotuner.best_config)
         row[f"tma={tma}"] = dict(ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1), config=config)
     row["diff"] = (outs[True].float() - outs[False].float()).abs().max().item()
     return row

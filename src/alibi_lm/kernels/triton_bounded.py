@@ -46,23 +46,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from alibi_lm.kernels.triton_common import (
+    INTERPRET,
+    LOG2E,
+    bias_distance,
+    bias_positions,
+    block_d,
+    dot,
+    key_mask,
+    last_dim_contiguous,
+    load_tile,
+)
+
 __all__ = ["bounded_attention", "dense_tiles", "key_norm_prefix_max"]
 
-_INTERPRET = __import__("os").environ.get("TRITON_INTERPRET", "0") == "1"
-_LOG2E = 1.4426950408889634
 #: widening of the norm product, above the float32 rounding of |q| and |k| (sums of <= 256 squares)
 NORM_MARGIN = 2.0**-14
 #: query rows per program, key rows per tile: the interpreter pays per block, the GPU per element
-_BLOCKS = (16, 16) if _INTERPRET else (64, 64)
-_WIDEN_DOT = tl.constexpr(_INTERPRET)
-
-
-@triton.jit
-def _dot(a, b):
-    # Triton 3.9's interpreter multiplies bf16 tiles as raw integers in tl.dot (triton_attention._dot)
-    if _WIDEN_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+_BLOCKS = (16, 16) if INTERPRET else (64, 64)
 
 
 @triton.jit
@@ -79,28 +80,21 @@ def _visit(acc, l_i, m_i, q, K, V, start_n, offs_n, offs_d, skn, svn, pos_q, pos
            qk_scale, slope_l2, CAUSAL: tl.constexpr, HAS_SLOPES: tl.constexpr):
     """Fold one key tile into the online softmax (masked: tiles are visited in any order)."""
     offs_k = start_n + offs_n
-    k_ok = offs_k < Lk
     d_ok = offs_d < D
-    kT = tl.load(K + offs_k[None, :] * skn + offs_d[:, None], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-    v = tl.load(V + offs_k[:, None] * svn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    kT = load_tile(K, offs_k, skn, offs_d, d_ok, Lk, True, False, True)
+    v = load_tile(V, offs_k, svn, offs_d, d_ok, Lk, True, False, False)
     pos_k = offs_k.to(tl.float32)
-    s = _dot(q, kT) * qk_scale
+    s = dot(q, kT) * qk_scale
     if HAS_SLOPES:
-        dist = pos_b[:, None] - pos_k[None, :]
-        if not CAUSAL:
-            dist = tl.abs(dist)
-        s = s - slope_l2 * dist
-    ok = k_ok[None, :]
-    if CAUSAL:
-        ok = ok & (pos_k[None, :] <= pos_q[:, None])
-    s = tl.where(ok, s, float("-inf"))
+        s = s - slope_l2 * bias_distance(pos_b, pos_k, CAUSAL, False)
+    s = key_mask(s, offs_k, Lk, pos_k, pos_q, float("-inf"), CAUSAL)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # a row may have seen no key yet (a causal row before this tile): keep exp2 away from -inf - -inf
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
     return acc, l_i, m_new
 
 
@@ -125,9 +119,9 @@ def _bounded_fwd_kernel(Q, K, V, Slopes, O, KPre, KSuf, Visited,
     qnorm = tl.sqrt(tl.sum(qf * qf, 1)) * norm_scale  # c * |q_i| * (1 + margin), per row
     slope_l2 = 0.0
     if HAS_SLOPES:
-        slope_l2 = tl.load(Slopes + h) * 1.4426950408889634
+        slope_l2 = tl.load(Slopes + h) * LOG2E
     pos_q = (q_offset + offs_m).to(tl.float32)
-    pos_b = tl.minimum(q_offset + offs_m, Lk - 1).to(tl.float32)  # as triton_attention._bias_positions
+    pos_b = bias_positions(q_offset + offs_m, Lk)
     K += b * skb + hkv * skh
     V += b * svb + hkv * svh
     KPre += (b * (H // GROUP) + hkv) * Lk
@@ -221,7 +215,7 @@ def bounded_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None,
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else float(scale)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     o = torch.empty_like(q)
     if Lq == 0 or B == 0:
         return o
@@ -235,11 +229,11 @@ def bounded_attention(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None,
     visited = torch.empty((B * H * grid[0],), device=q.device, dtype=torch.int32)
     has_slopes = slopes is not None
     sl = slopes.detach().to(torch.float32).contiguous() if has_slopes else prefix
-    qk_scale = scale * _LOG2E
+    qk_scale = scale * LOG2E.value
     _bounded_fwd_kernel[grid](
         q, k, v, sl, o, prefix, suffix, visited, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         H, H // Hkv, Lq, Lk, q_offset, qk_scale, math.log2(tolerance), qk_scale * (1 + NORM_MARGIN),
-        D=D, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        D=D, CAUSAL=causal, HAS_SLOPES=has_slopes, BLOCK_D=block_d(D),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2)
     if stats is not None:
         stats["tiles_visited"] = stats.get("tiles_visited", 0) + int(visited.sum())

@@ -28,7 +28,7 @@ from alibi_lm.kernels.triton_common import (
     strides,
 )
 
-__all__ = ["decode_plan", "triton_decode"]
+__all__ = ["PLANS", "decode_plan", "triton_decode"]
 
 _BLOCK_N = 64
 # Aim for this many programs per multiprocessor so each has loads in flight while others compute.
@@ -154,16 +154,25 @@ def _split_plan(batch_kv_heads: int, n_keys: int, device: torch.device, host_bou
     return keys_per_split, triton.cdiv(n_keys, keys_per_split)
 
 
-def decode_plan(q: Tensor, k: Tensor) -> tuple[int, int]:
+#: how `triton_decode` cuts the keys: "auto" (below), or, for benchmarks, always "split" or always "one" pass
+PLANS = ("auto", "split", "one")
+
+
+def decode_plan(q: Tensor, k: Tensor, plan: str = "auto") -> tuple[int, int]:
     """(keys per split, number of splits) that `triton_decode` takes for q over k when called now: a
     single pass for eager calls on a GPU over a short cache (host-bound, see _ONE_PASS_MAX_KEYS), else
-    splits enough to cover the GPU (also while a CUDA graph is being captured, where only GPU time counts)."""
-    host_bound = q.is_cuda and not torch.cuda.is_current_stream_capturing()
+    splits enough to cover the GPU (also while a CUDA graph is being captured, where only GPU time counts).
+    plan="split" or "one" forces either (benchmarks/decode_split.py compares them)."""
+    if plan not in PLANS:
+        raise ValueError(f"unknown decoding plan {plan!r}; valid: {', '.join(PLANS)}")
+    if plan == "one":
+        return triton.cdiv(k.shape[2], _BLOCK_N) * _BLOCK_N, 1
+    host_bound = plan == "auto" and q.is_cuda and not torch.cuda.is_current_stream_capturing()
     return _split_plan(q.shape[0] * k.shape[1], k.shape[2], q.device, host_bound)
 
 
 def triton_decode(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = None, causal: bool = True,
-                  q_offset: int = 0, scale: float | None = None) -> Tensor:
+                  q_offset: int = 0, scale: float | None = None, plan: str = "auto") -> Tensor:
     """Attention of a few queries over many keys, no autograd; layout and semantics as `attention`.
 
     Inputs are assumed validated by `triton_attention` (half precision, supported head dim)."""
@@ -173,7 +182,7 @@ def triton_decode(q: Tensor, k: Tensor, v: Tensor, *, slopes: Tensor | None = No
     scale = D**-0.5 if scale is None else scale
     tile_d = block_d(D)
     block_r = max(16, triton.next_power_of_2(group * Lq))
-    keys_per_split, n_split = decode_plan(q, k)
+    keys_per_split, n_split = decode_plan(q, k, plan)
     o = torch.empty_like(q)
     has_slopes = slopes is not None
     sl = slopes.detach().to(torch.float32).contiguous() if has_slopes else o

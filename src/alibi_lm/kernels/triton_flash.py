@@ -50,7 +50,8 @@ from alibi_lm.kernels.triton_common import (
     strides,
 )
 
-__all__ = ["Dropout", "FlashKernels", "draw_dropout", "flash_backward", "flash_forward_with_lse", "flash_kernels",
+__all__ = ["Dropout", "FlashKernels", "backward_delta", "draw_dropout", "flash_backward", "forward_config",
+           "forward_configs", "flash_forward_with_lse", "flash_kernels",
            "forward_launch", "tensor_descriptor", "tma_capable"]
 
 
@@ -541,6 +542,28 @@ def flash_forward_with_lse(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | Non
     return o, lse
 
 
+def backward_delta(o: Tensor, do: Tensor) -> Tensor:
+    """delta = rowsum(dO o O), float32 (B, H, Lq): the backward's first kernel (benchmarks time it alone)."""
+    B, H, Lq, D = o.shape
+    delta = torch.empty((B, H, Lq), device=o.device, dtype=torch.float32)
+    _delta_kernel[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *strides(o), *strides(do), H, Lq, D,
+                                                BLOCK_M=64, BLOCK_D=block_d(D))
+    return delta
+
+
+def forward_configs(head_dim: int) -> list[tuple[int, int, int, int]]:
+    """The forward's autotune list for this head dim as (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    configs = _FWD_WIDE if block_d(head_dim) > 128 else _FWD_CONFIGS
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+
+
+def forward_config(block_m: int, block_n: int, num_warps: int, num_stages: int, **constexprs: Any) -> triton.Config:
+    """One forward config, with the hook that gives tensor descriptors its tile shape: what
+    `flash_kernels(D).forward.pinned(...)` takes (constexprs: an experiment's extra kernel flags)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, **constexprs}, num_warps=num_warps,
+                         num_stages=num_stages, pre_hook=_tma_block_shapes)
+
+
 def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, slopes: Tensor | None,
                    causal: bool, q_offset: int, scale: float, need_dslopes: bool, *, options: KernelOptions,
                    dropout: Dropout | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -551,9 +574,7 @@ def flash_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
     Hkv, Lk = k.shape[1], k.shape[2]
     tile_d = block_d(D)
     do = last_dim_contiguous(do)
-    delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(Lq, 64), B * H)](o, do, delta, *strides(o), *strides(do), H, Lq, D,
-                                                BLOCK_M=64, BLOCK_D=tile_d)
+    delta = backward_delta(o, do)
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
