@@ -162,3 +162,15 @@ def test_train_benchmark_measures_and_profiles_each_case(tmp_path: Path) -> None
          "--warmup", "1", "--compile-mode", "reduce-overhead")
     (r,) = json.loads((tmp_path / "graphs" / "train_bench.json").read_text())["results"]
     assert r["compile"] == "reduce-overhead" and math.isfinite(r["final_loss"])
+
+
+def test_bounded_benchmark_times_dense_and_bounded_and_checks_the_error(tmp_path: Path) -> None:
+    _run("bounded.py", "--out", tmp_path, "--cpu-smoke", "--tolerances", "1e-2,1e-6")
+    result = json.loads((tmp_path / "bounded.json").read_text())
+    assert len(result["forward"]) == 2 and len(result["decode"]) == 4
+    for row in result["forward"]:
+        for tol in ("0.01", "1e-06"):
+            bounded = row[f"bounded@{tol}"]
+            assert 0 < bounded["tiles_visited_share"] <= 1 and bounded["ms"] > 0
+            assert bounded["max_err_vs_dense"] <= bounded["promised"] + 2**-6
+    assert "| layer | batch | cache |" in (tmp_path / "bounded.md").read_text()

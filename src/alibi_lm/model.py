@@ -94,8 +94,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: Tensor, position: PositionMethod, offset: int, layer: int, cache: KVCache | None,
-                padding_mask: Tensor | None) -> Tensor:
+    def project(self, x: Tensor, position: PositionMethod, offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The attention inputs of x (B, T, C): q (B, H, T, D), k and v (B, K, T, D), after the position
+        method's rotation (what the kernels see; benchmarks/bounded.py measures on them)."""
         B, T, _ = x.shape
         H, K, D = self.cfg.n_heads, self.cfg.kv_heads, self.cfg.head_dim
         qkv = self.qkv(x)
@@ -108,7 +109,12 @@ class Attention(nn.Module):
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, K, D).transpose(1, 2)
-        q, k = position.rotate(q, k, offset)
+        return (*position.rotate(q, k, offset), v)
+
+    def forward(self, x: Tensor, position: PositionMethod, offset: int, layer: int, cache: KVCache | None,
+                padding_mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, position, offset)
         key_norm_max = None
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
@@ -118,7 +124,7 @@ class Attention(nn.Module):
         dropout_p, tolerance = (self.cfg.attn_dropout, 0.0) if self.training else (0.0, self.cfg.attn_tolerance)
         out = attend(q, k, v, position, offset, self.cfg.attention_backend, padding_mask, dropout_p=dropout_p,
                      tolerance=tolerance, key_norm_max=key_norm_max)
-        return self.proj(out.transpose(1, 2).reshape(B, T, H * D))
+        return self.proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, position: PositionMethod, offset: int, backend: str,
