@@ -28,6 +28,7 @@ from alibi_lm.data import load_tokens, prepare, read_meta, window_starts
 from alibi_lm.errors import UserError
 from alibi_lm.model import TransformerLM, perplexity
 from alibi_lm.model_config import ModelConfig
+from alibi_lm.progress import progress_bar
 from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 from alibi_lm.train.run_folder import MetricsLog, RunFolder
 from alibi_lm.train.state import (
@@ -251,16 +252,15 @@ class _Throughput:
 
 def fit(t: Training, *, progress: bool) -> FitOutcome:
     """Train from `t.state.step` to `run.steps` (or until validation stops improving)."""
-    from tqdm import tqdm
-
     cfg, info, state = t.cfg, t.info, t.state
     run = cfg.run
     tokens_per_step = info.world_size * cfg.data.batch_size * cfg.data.grad_accum * cfg.data.train_len
     best = t.folder.best_dir if (run.keep_best and t.folder.best_dir.is_dir()) else None
     outcome = FitOutcome(best_checkpoint=best)
     throughput = _Throughput()
-    bar = tqdm(total=run.steps, initial=state.step, disable=not (progress and info.is_main), unit="step",
-               dynamic_ncols=True)
+    # a bar on a terminal, a line a minute in a log file (issue 16: tqdm filled logs with redraws)
+    bar = progress_bar(total=run.steps, initial=state.step, disable=not (progress and info.is_main), unit="step",
+                       desc="train")
     pending: list[torch.Tensor] = []
     t.model.train()
     while state.step < run.steps:

@@ -27,6 +27,7 @@ from alibi_lm.checkpoint import (
     step_directory,
 )
 from alibi_lm.errors import UserError
+from alibi_lm.files import read_json_or_none, write_json
 from alibi_lm.model_config import ModelConfig
 
 __all__ = ["MetricsLog", "RunFolder"]
@@ -82,13 +83,9 @@ class RunFolder:
         foreign = sorted(p.name for p in self.path.iterdir()
                          if p.name not in RUN_FILES and not p.name.startswith(".") and p.suffix != ".log")
         if not foreign and self.config_file.is_file():
-            try:
-                values = json.loads(self.config_file.read_text())
-                ours = isinstance(values, dict) and {"model", "data", "run"} <= values.keys()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                ours = False
-            if not ours:
-                foreign = ["config.json"]
+            values = read_json_or_none(self.config_file)
+            if not (isinstance(values, dict) and {"model", "data", "run"} <= values.keys()):
+                foreign = ["config.json"]  # e.g. a Hugging Face export's
         if foreign:
             raise UserError(f"run.out_dir {self.path} holds files that are not a training run's "
                             f"({', '.join(foreign[:3])}); choose a new or empty directory")
@@ -130,8 +127,9 @@ class RunFolder:
         return existing, meta
 
     def write_config(self, resolved: dict) -> None:
+        """config.json: the resolved config, a valid `--config` for a resume (written whole or not at all)."""
         if self.info.is_main:
-            self.config_file.write_text(json.dumps(resolved, indent=1) + "\n")
+            write_json(self.config_file, resolved)
 
     def open_metrics(self, resume_step: int | None) -> MetricsLog:
         return MetricsLog(self.path / "metrics.jsonl", self.info.is_main, resume_step)
