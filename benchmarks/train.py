@@ -103,9 +103,9 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
         torch.set_float32_matmul_precision("high")
         torch.cuda.reset_peak_memory_stats(device)
     model = TransformerLM(cfg.model).to(device)
-    optimizer = build_optimizer(model, cfg, device)
-    step_model = compile_for_training(model, cfg)
-    cuda_graphs = captures_cuda_graphs(cfg)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    step_model = compile_for_training(model, cfg.run)
+    cuda_graphs = captures_cuda_graphs(cfg.run)
     autocast = autocast_context(device, cfg.run.precision)
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=8_000_000, dtype=np.uint16)
     tokens_per_step = cfg.data.batch_size * cfg.data.grad_accum * cfg.data.train_len
@@ -113,8 +113,9 @@ def measure(case: dict, *, steps: int, warmup: int, extra_sets: list[str], backe
     def run(first: int, n: int, step_model=step_model, optimizer=optimizer) -> torch.Tensor:
         loss = None
         for step in range(first, first + n):
-            loss = train_step(step_model, optimizer, step_batches(tokens, cfg, step, info), autocast=autocast,
-                              grad_clip=cfg.optim.grad_clip, lr=lr_at(step, cfg), cuda_graphs=cuda_graphs)
+            batches = step_batches(tokens, cfg.data, step, info, seed=cfg.run.seed)
+            loss = train_step(step_model, optimizer, batches, autocast=autocast, grad_clip=cfg.optim.grad_clip,
+                              lr=lr_at(step, cfg.optim, cfg.schedule, cfg.run.steps), cuda_graphs=cuda_graphs)
         return loss
 
     t0 = time.perf_counter()

@@ -137,7 +137,7 @@ def test_a_file_as_data_path_gets_a_hint_that_works(tmp_path, capsys):
 
 
 def test_resume_says_where_it_starts_and_ctrl_c_says_where_to_resume(data_dir, tmp_path, capsys, monkeypatch):
-    from alibi_lm import train as train_module
+    from alibi_lm.train import loop as train_module  # where the loop looks its step function up
 
     run = tmp_path / "run"
     assert main(_train(data_dir, run, "run.steps=2")) == 0

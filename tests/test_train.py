@@ -121,10 +121,14 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path, data_dir):
 def test_schedule_warmup_then_cosine_to_floor(tmp_path):
     cfg = load_config("tiny", ["optim.lr=1.0", "schedule.warmup_steps=10", "run.steps=110",
                                "schedule.min_lr_ratio=0.1"])
-    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
-    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(110, cfg) == pytest.approx(0.1)
+
+    def lr(step):
+        return lr_at(step, cfg.optim, cfg.schedule, cfg.run.steps)
+
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
     cfg.schedule.kind = "linear"
-    assert lr_at(60, cfg) == pytest.approx(0.55) and lr_at(35, cfg) == pytest.approx(1 - 0.9 * 0.25)
+    assert lr(60) == pytest.approx(0.55) and lr(35) == pytest.approx(1 - 0.9 * 0.25)
 
 
 def test_flops_per_token_counts_attention():
@@ -319,20 +323,20 @@ def test_cuda_graph_compile_mode_is_refused_under_torchrun(tmp_path):
     import contextlib
 
     from alibi_lm.distributed import DistInfo
-    from alibi_lm.train import _train
+    from alibi_lm.train.loop import setup
 
     cfg = load_config("tiny", ["run.compile=true", "run.compile_mode=reduce-overhead", f"run.out_dir={tmp_path}"])
     info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="one process only"), contextlib.ExitStack() as held:
-        _train(cfg, info, resume=False, progress=False, held=held)
+        setup(cfg, info, resume=False, held=held)
 
 
 def test_the_validation_line_names_what_word_level_perplexity_is():
     """`word ppl 103877682.66` at step 50 of a byte model read as a bug (issue 16)."""
-    from alibi_lm.train import _validation_line
+    from alibi_lm.train.loop import validation_line
 
     record = {"valid_loss": 2.5, "valid_ppl": 12.18, "valid_word_ppl": 103877682.66}
-    line = _validation_line(50, record, "bytes")
+    line = validation_line(50, record, "bytes")
     assert line == "step 50: valid loss 2.5000 per token, ppl 12.18; per whitespace word: ppl 1.039e+08"
-    word = _validation_line(50, {"valid_loss": 4.6, "valid_ppl": 99.5, "valid_word_ppl": 99.5}, "word")
+    word = validation_line(50, {"valid_loss": 4.6, "valid_ppl": 99.5, "valid_word_ppl": 99.5}, "word")
     assert word.endswith("ppl 99.50 (word-level: one token per word)") and "whitespace" not in word
