@@ -234,32 +234,41 @@ def plot_results(results: Sequence[dict], out_path: str | Path, *, metric: str =
     ax.legend(fontsize=8)
 
     if with_positions:
-        ax2 = axes[1]
-        for result, color in zip(results, colors):
-            records = [e for e in result["evaluations"] if e["mode"] == "nonoverlapping" and e.get("loss_by_position")]
-            if not records:
-                continue
-            longest = max(records, key=lambda e: e["length"])
-            xs, ys = _binned(longest["loss_by_position"])
-            name = f"{result.get('label')} (L={longest['length']})"
-            ax2.plot(xs, ys, color=color, label=name)
-            drawn["loss_by_position"][name] = (xs, ys)
-        for train_len in drawn["train_lens"]:
-            ax2.axvline(train_len, color="0.5", linestyle=":", linewidth=1.2)
-        ax2.set_xscale("log", base=2)
-        ax2.set_xlabel("position in the window")
-        ax2.set_ylabel("mean loss (nats)")
-        ax2.set_title("Loss by position (nonoverlapping)")
-        ax2.grid(True, alpha=0.3)
-        ax2.legend(fontsize=8)
+        _draw_loss_by_position(axes[1], results, colors, drawn)
     fig.tight_layout()
+    _save_marked(fig, out_path, dpi)
+    return drawn
+
+
+def _draw_loss_by_position(ax2: Axes, results: Sequence[dict], colors: list[str], drawn: dict) -> None:
+    """The second panel: mean loss at each position of each run's longest nonoverlapping window."""
+    for result, color in zip(results, colors):
+        records = [e for e in result["evaluations"] if e["mode"] == "nonoverlapping" and e.get("loss_by_position")]
+        if not records:
+            continue
+        longest = max(records, key=lambda e: e["length"])
+        xs, ys = _binned(longest["loss_by_position"])
+        name = f"{result.get('label')} (L={longest['length']})"
+        ax2.plot(xs, ys, color=color, label=name)
+        drawn["loss_by_position"][name] = (xs, ys)
+    for train_len in drawn["train_lens"]:
+        ax2.axvline(train_len, color="0.5", linestyle=":", linewidth=1.2)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xlabel("position in the window")
+    ax2.set_ylabel("mean loss (nats)")
+    ax2.set_title("Loss by position (nonoverlapping)")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=8)
+
+
+def _save_marked(fig, out_path: Path, dpi: int) -> None:
+    """Save with PLOT_MARK in the file's metadata (where the format has some), so `plot -o` knows it later."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
     suffix = out_path.suffix.lower().lstrip(".")
     marked: dict = {"metadata": {_MARK_KEYS[suffix]: PLOT_MARK}} if suffix in _MARK_KEYS else {}
     if suffix in ("jpg", "jpeg"):  # Pillow writes JPEG metadata as a comment
         marked = {"pil_kwargs": {"comment": PLOT_MARK}}
     fig.savefig(out_path, dpi=dpi, **marked)
-    return drawn
 
 
 def _mark_not_finite(ax: Axes, lines: dict[str, tuple[list[int], list[float]]], colors: dict[str, str],
