@@ -424,7 +424,7 @@ def test_export_and_import_name_the_users_destination_not_a_temporary_one(tmp_pa
     hf = tmp_path / "hf"
     export_bloom(TransformerLM(bloom_model_config(VOCAB, 1, 24, 6)), hf)
     (tmp_path / "file").write_text("x")
-    destinations = [(tmp_path / "file" / "out", "is a file, not a directory")]
+    destinations = [(tmp_path / "file" / "out", "is a file, not a folder")]
     if sys.platform == "linux":  # /proc takes no new folders, even from root
         destinations.append((Path("/proc/alibi-lm-out"), "cannot write in /proc"))
     for out, message in destinations:

@@ -4,17 +4,14 @@ conversion of a BLOOM config.json + weights that `import_hf` runs."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import Tensor
 
-from alibi_lm.checkpoint import replace_dir
 from alibi_lm.errors import UserError
 from alibi_lm.hf.folder import (
     Weights,
@@ -22,8 +19,9 @@ from alibi_lm.hf.folder import (
     check_export_dir,
     float_field,
     int_field,
-    naming,
     optional_int,
+    write_export,
+    write_json_file,
     write_tokenizer,
 )
 from alibi_lm.model import TransformerLM
@@ -155,34 +153,22 @@ def export_bloom(model: TransformerLM, out_dir: str | os.PathLike, *, tokenizer:
 
     Raises UserError naming every config field BLOOM cannot express. The folder is assembled in a
     temporary sibling and renamed into place, so a failed export leaves nothing half-written."""
-    from safetensors.torch import save_file
-
     bad = bloom_mismatches(model)
     if bad:
         raise UserError(f"BLOOM cannot express this model: {'; '.join(bad)}")
     out_dir = Path(out_dir)
-    check_export_dir(out_dir, overwrite)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as error:
-        raise naming(error, out_dir) from None
-    try:
-        eos_id = getattr(tokenizer, "eos_id", None) if tokenizer is not None else None
-        config = _bloom_config_json(model.cfg, train_len, eos_id, model.embed.weight.dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    check_export_dir(out_dir, overwrite, "bloom")
+    config = _bloom_config_json(model.cfg, train_len, getattr(tokenizer, "eos_id", None), model.embed.weight.dtype)
+
+    def fill(folder: Path) -> None:
+        write_json_file(folder / "config.json", config)
         # transformers checks the "format" metadata before trusting a safetensors file
-        save_file(bloom_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        safetensors.torch.save_file(bloom_state_dict(model), str(folder / "model.safetensors"),
+                                    metadata={"format": "pt"})
         if tokenizer is not None:
-            write_tokenizer(tokenizer, tmp, train_len)
-        replace_dir(tmp, out_dir)
-    except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise naming(error, out_dir) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+            write_tokenizer(tokenizer, folder, train_len)
+
+    return write_export(out_dir, fill)
 
 
 def from_bloom(config: dict, weights: Weights) -> tuple[ModelConfig, dict[str, Tensor], int, list[str]]:

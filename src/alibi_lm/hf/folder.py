@@ -1,45 +1,66 @@
 """The files of a Hugging Face model folder, shared by the model families: config.json and its typed
 fields, the weights (model.safetensors, sharded safetensors, pytorch_model.bin), the tokenizer files
-both ways, and the checks on an export folder before it is written."""
+both ways, and an export folder: checked before the work, written atomically.
+
+What each family's config.json and tensors mean is bloom.py's and mpt.py's business; this module
+knows only file names and JSON types."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
+from alibi_lm.checkpoint import replace_dir
 from alibi_lm.errors import UserError
+from alibi_lm.files import folder_kind, read_json, read_json_or_none, writable_parent
+from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["Weights", "alibi_lm_kind", "bool_field", "check_can_create", "check_export_dir", "float_field",
-           "import_tokenizer", "int_field", "load_hf_weights", "naming", "optional_float", "optional_int",
-           "read_config", "section", "write_tokenizer"]
+__all__ = ["Weights", "bool_field", "check_export_dir", "float_field", "import_tokenizer", "int_field",
+           "load_hf_weights", "naming", "optional_float", "optional_int", "read_config", "section",
+           "write_export", "write_json_file", "write_tokenizer"]
+
+#: how messages name alibi-lm's own folders (files.folder_kind's kinds), which are never a Hugging Face folder
+OUR_FOLDERS = {"checkpoint": "checkpoint", "run": "run directory", "prepared": "prepared data directory"}
 
 
-def check_export_dir(out_dir: Path, overwrite: bool) -> None:
+# ---------------------------------------------------------------------------------------------
+# Export: the folder checked, then written
+
+
+def check_export_dir(out_dir: Path, overwrite: bool, model_type: str) -> None:
+    """Fail before any work if `out_dir` is no place for an export of `model_type`: a file, an alibi-lm
+    folder, or a non-empty folder (which --overwrite replaces only if an earlier export wrote it)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} is a file; give a directory to export into")
-    kind = alibi_lm_kind(out_dir)
-    if kind:
-        raise UserError(f"{out_dir} is an alibi-lm {kind}; export into a new directory (it is never replaced)")
+    kind = folder_kind(out_dir)
+    if kind in OUR_FOLDERS:
+        raise UserError(f"{out_dir} is an alibi-lm {OUR_FOLDERS[kind]}; export into a new directory "
+                        "(it is never replaced)")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise UserError(f"{out_dir} already exists and is not empty; choose a new directory or pass --overwrite")
         # --overwrite deletes the folder: only ever one that an earlier export wrote, never a user's files
-        problem = _not_an_export(out_dir)
+        problem = _not_an_export(out_dir, model_type)
         if problem:
             raise UserError(f"{out_dir} is not an earlier export ({problem}); --overwrite replaces only a folder "
                             "written by `alibi-lm export`: choose a new directory")
-    check_can_create(out_dir)
+    # the export is assembled in a hidden sibling, whose name would otherwise be the one in the error
+    writable_parent(out_dir)
 
 
-def _not_an_export(directory: Path) -> str | None:
-    """Why `directory` does not look like what `export_bloom` writes (a BLOOM config.json and
+def _not_an_export(directory: Path, model_type: str) -> str | None:
+    """Why `directory` does not look like what an export writes (a config.json of `model_type` and
     model.safetensors, maybe tokenizer files), or None if it does. Files beside them are tolerated (an
     older alibi-lm may have written others); folders are not, as an export never writes one."""
     folders = sorted(p.name for p in directory.iterdir() if p.is_dir())
@@ -47,30 +68,14 @@ def _not_an_export(directory: Path) -> str | None:
         return f"it holds folders, e.g. {folders[0]!r}, and an export writes none"
     if not (directory / "model.safetensors").is_file():
         return "it has no model.safetensors"
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except FileNotFoundError:
+    if not (directory / "config.json").is_file():
         return "it has no config.json"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    config = read_json_or_none(directory / "config.json")
+    if config is None:
         return "its config.json is not valid JSON"
-    if not isinstance(config, dict) or config.get("model_type") != "bloom":
-        return "its config.json is not a BLOOM config"
+    if not isinstance(config, dict) or config.get("model_type") != model_type:
+        return f"its config.json is not a {model_type.upper()} config"
     return None
-
-
-def check_can_create(out: Path) -> None:
-    """Fail before any work if `out` cannot be created where it is named. The writers work in a hidden
-    temporary sibling of `out`, whose name would otherwise be the one in the error (`/proc/.out.x1y2`).
-    Probes the nearest existing folder with a temporary directory, so nothing is left behind."""
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"cannot create {out}: {ancestor} is a file, not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=ancestor))
-    except OSError as error:
-        raise UserError(f"cannot create {out}: cannot write in {ancestor} ({error.strerror or error})") from None
 
 
 def naming(error: OSError, out: Path) -> OSError:
@@ -79,7 +84,33 @@ def naming(error: OSError, out: Path) -> OSError:
     return OSError(error.errno, error.strerror or str(error), str(out))
 
 
-def write_tokenizer(tokenizer: Any, directory: Path, model_max_length: int | None) -> dict:
+def write_export(out_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """Assemble the export with `fill(folder)` in a hidden temporary sibling of `out_dir`, then rename it
+    into place (an existing `out_dir` is kept until the new one is there), so that a failed export
+    leaves nothing half-written. An OSError names `out_dir`, never the temporary folder."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as error:
+        raise naming(error, out_dir) from None
+    try:
+        fill(tmp)
+        replace_dir(tmp, out_dir)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise naming(error, out_dir) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def write_json_file(path: Path, data: Any) -> None:
+    """`data` as indented JSON; inside a folder that `write_export` renames into place when complete."""
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def write_tokenizer(tokenizer: Tokenizer, directory: Path, model_max_length: int | None) -> dict:
     """Our tokenizer as a transformers fast tokenizer: tokenizer.json plus tokenizer_config.json."""
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -96,73 +127,50 @@ def write_tokenizer(tokenizer: Any, directory: Path, model_max_length: int | Non
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False, **special}
     if model_max_length is not None:
         config["model_max_length"] = model_max_length
-    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    write_json_file(directory / "tokenizer_config.json", config)
+    write_json_file(directory / "special_tokens_map.json", special)
     return special
 
 
-def _json_object(path: Path) -> dict | None:
-    """The JSON object in `path`, or None where there is none (missing, unreadable, not an object)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def alibi_lm_kind(directory: Path) -> str | None:
-    """"checkpoint" or "run directory" where `directory` is alibi-lm's own, else None. A checkpoint has
-    no config.json and a run's config.json is a training config, so both would be reported as foreign
-    Hugging Face folders, which misleads: they need no import at all."""
-    meta = _json_object(directory / "meta.json")
-    # a prepared data directory has a meta.json too, without a model config
-    if meta is not None and "model" in meta and "format_version" in meta:
-        return "checkpoint"
-    config = _json_object(directory / "config.json") or {}
-    if "model_type" in config or "architectures" in config:
-        return None  # a Hugging Face config, whatever else lies beside it
-    run_config = isinstance(config.get("model"), dict) and "run" in config
-    if run_config or (directory / "checkpoints").is_dir() or (directory / "metrics.jsonl").is_file():
-        return "run directory"
-    return None
+# ---------------------------------------------------------------------------------------------
+# Import: config.json, the weights, the tokenizer
 
 
 def read_config(hf_dir: Path) -> dict:
+    """config.json of the Hugging Face folder `hf_dir`, refusing alibi-lm's own folders by name: a
+    checkpoint has no config.json and a run's is a training config, so either would be reported as a
+    broken Hugging Face folder, which misleads: they need no import at all."""
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory; give a local Hugging Face model folder (config.json + weights)")
-    kind = alibi_lm_kind(hf_dir)
-    if kind:
-        raise UserError(f"{hf_dir} is already an alibi-lm {kind} and needs no import; use it as it is "
-                        f"(e.g. alibi-lm evaluate {hf_dir})")
+    kind = folder_kind(hf_dir)
+    if kind == "prepared":
+        raise UserError(f"{hf_dir} is an alibi-lm prepared data directory, not a model; give a local Hugging Face "
+                        "model folder (config.json + weights)")
+    if kind in OUR_FOLDERS:
+        raise UserError(f"{hf_dir} is already an alibi-lm {OUR_FOLDERS[kind]} and needs no import; use it as it "
+                        f"is (e.g. alibi-lm evaluate {hf_dir})")
     path = hf_dir / "config.json"
     if not path.is_file():
         raise UserError(f"no config.json in {hf_dir}: not a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON ({error})") from None
+    config = read_json(path, "Hugging Face config")
     if not isinstance(config, dict):
         raise UserError(f"{path} must hold a JSON object")
     return config
 
 
-def load_hf_weights(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
-    """All tensors of a Hugging Face folder: model.safetensors, sharded safetensors (with their
-    index), or pytorch_model.bin (read with weights_only, never unpickling code)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    hf_dir = Path(hf_dir)
+def _weight_files(hf_dir: Path) -> list[Path]:
+    """The weight files of `hf_dir`, in the order transformers prefers them: model.safetensors, a
+    sharded checkpoint's shards (safetensors or .bin, from its index), pytorch_model.bin."""
     single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
     bin_single, bin_index = hf_dir / "pytorch_model.bin", hf_dir / "pytorch_model.bin.index.json"
     if single.is_file():
-        files = [single]
-    elif index.is_file() or bin_index.is_file():
+        return [single]
+    if index.is_file() or bin_index.is_file():
         path = index if index.is_file() else bin_index
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise UserError(f"{path} is not a valid weight index (no weight_map)") from None
+        data = read_json(path, "weight index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if weight_map is None:
+            raise UserError(f"{path} is not a valid weight index (no weight_map)")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{path} is not a valid weight index (weight_map must map tensor names to file names)")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
@@ -170,29 +178,39 @@ def load_hf_weights(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
         if missing:
             raise UserError(f"{hf_dir} is missing weight shards named in {path.name}: {', '.join(missing[:3])}"
                             f"{' ...' if len(missing) > 3 else ''}; download them again")
-    elif bin_single.is_file():
-        files = [bin_single]
-    else:
-        raise UserError(f"no weights in {hf_dir}: expected model.safetensors, sharded safetensors with "
-                        "model.safetensors.index.json, or pytorch_model.bin")
+        return files
+    if bin_single.is_file():
+        return [bin_single]
+    raise UserError(f"no weights in {hf_dir}: expected model.safetensors, sharded safetensors with "
+                    "model.safetensors.index.json, or pytorch_model.bin")
+
+
+def _read_weight_file(file: Path) -> dict[str, Tensor]:
+    """The tensors of one weight file; a .bin is read with weights_only, never unpickling code."""
+    try:
+        if file.suffix == ".safetensors":
+            tensors = safetensors.torch.load_file(str(file))
+        else:
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read {file} (truncated or corrupt?): {first}") from None
+    except (pickle.UnpicklingError, KeyError, AttributeError, IndexError, TypeError, UnicodeDecodeError):
+        # torch's weights-only unpickler fails on junk with whatever error the bytes lead to, and its
+        # text is about torch internals: say no more
+        raise UserError(f"cannot read {file} (truncated or corrupt?)") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in tensors.items()):
+        raise UserError(f"cannot read {file}: it does not hold a state dict (tensors by name)")
+    return tensors
+
+
+def load_hf_weights(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors of a Hugging Face folder: model.safetensors, sharded safetensors (with their
+    index), or pytorch_model.bin (read with weights_only, never unpickling code)."""
     state: dict[str, Tensor] = {}
-    for file in files:
-        try:
-            if file.suffix == ".safetensors":
-                tensors = load_file(str(file))
-            else:
-                tensors = torch.load(file, map_location="cpu", weights_only=True)
-        except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"cannot read {file} (truncated or corrupt?): {first}") from None
-        except (pickle.UnpicklingError, KeyError, AttributeError, IndexError, TypeError, UnicodeDecodeError):
-            # torch's weights-only unpickler fails on junk with whatever error the bytes lead to, and its
-            # text is about torch internals: say no more
-            raise UserError(f"cannot read {file} (truncated or corrupt?)") from None
-        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                    for k, v in tensors.items()):
-            raise UserError(f"cannot read {file}: it does not hold a state dict (tensors by name)")
-        state.update(tensors)
+    for file in _weight_files(Path(hf_dir)):
+        state.update(_read_weight_file(file))
     return state
 
 
@@ -277,13 +295,11 @@ def section(config: dict, name: str) -> dict:
     return value
 
 
-def import_tokenizer(hf_dir: Path, eos_id: Any) -> tuple[Any, str | None]:
+def import_tokenizer(hf_dir: Path, eos_id: Any) -> tuple[Tokenizer | None, str | None]:
+    """(the folder's tokenizer.json as our Tokenizer, None), or (None, a note saying why there is none):
+    a model without a tokenizer still imports, for token ids."""
     if not (hf_dir / "tokenizer.json").is_file():
         return None, f"no tokenizer.json in {hf_dir}; the checkpoint has no tokenizer (token ids only)"
-    try:
-        from alibi_lm.tokenizer import load_tokenizer
-    except ImportError:
-        return None, "alibi_lm.tokenizer is not available; tokenizer not imported"
     try:
         tokenizer = load_tokenizer(hf_dir)
     except (UserError, ValueError, OSError, KeyError) as error:

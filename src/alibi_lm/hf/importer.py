@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from alibi_lm.checkpoint import save_model_checkpoint
 from alibi_lm.errors import UserError
+from alibi_lm.files import writable_parent
 from alibi_lm.hf.bloom import from_bloom
-from alibi_lm.hf.folder import Weights, check_can_create, import_tokenizer, load_hf_weights, naming, read_config
+from alibi_lm.hf.folder import Weights, import_tokenizer, load_hf_weights, naming, read_config
 from alibi_lm.hf.mpt import from_mpt
 from alibi_lm.model import TransformerLM
 
@@ -68,10 +70,9 @@ def import_checkpoint(hf_dir: str | os.PathLike, out_checkpoint: str | os.PathLi
     out = Path(out_checkpoint)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists; choose a new checkpoint directory")
-    check_can_create(out)  # before the (long) conversion, not after it
+    # before the (long) conversion, and naming `out`, not the temporary folder the checkpoint is written in
+    writable_parent(out)
     model, tokenizer, info = import_hf(hf_dir)
-    from alibi_lm.checkpoint import save_model_checkpoint
-
     extra = {"imported_from": {"architecture": info["architecture"], "source": info["source"],
                                "notes": info["notes"]}}
     try:
