@@ -15,11 +15,8 @@ from torch import Tensor
 from alibi_lm.errors import UserError
 from alibi_lm.hf.folder import (
     Weights,
-    bool_field,
     check_export_dir,
-    float_field,
-    int_field,
-    optional_int,
+    config_value,
     write_export,
     write_json_file,
     write_tokenizer,
@@ -172,15 +169,16 @@ def export_bloom(model: TransformerLM, out_dir: str | os.PathLike, *, tokenizer:
 
 
 def from_bloom(config: dict, weights: Weights) -> tuple[ModelConfig, dict[str, Tensor], int, list[str]]:
-    if bool_field(config, "apply_residual_connection_post_layernorm", False):
+    """A BLOOM config.json and its weights as (our config, our state dict, training length, notes)."""
+    if config_value(config, "apply_residual_connection_post_layernorm", bool, False):
         raise UserError("this BLOOM model sets apply_residual_connection_post_layernorm=true, which alibi-lm's "
                         "pre-LayerNorm blocks cannot express")
-    d_model = int_field(config, "hidden_size", "n_embed")
-    n_heads = int_field(config, "n_head", "num_attention_heads")
-    n_layers = int_field(config, "n_layer", "num_hidden_layers")
-    norm_eps = float_field(config, "layer_norm_epsilon", 1e-5)
-    tied = bool_field(config, "tie_word_embeddings", True)
-    train_len = optional_int(config, "seq_length")
+    d_model = config_value(config, ("hidden_size", "n_embed"), int)
+    n_heads = config_value(config, ("n_head", "num_attention_heads"), int)
+    n_layers = config_value(config, ("n_layer", "num_hidden_layers"), int)
+    norm_eps = config_value(config, "layer_norm_epsilon", float, 1e-5)
+    tied = config_value(config, "tie_word_embeddings", bool, True)
+    train_len = config_value(config, "seq_length", int, None)
     embed = weights.take("transformer.word_embeddings.weight")
     cfg = bloom_model_config(embed.shape[0], n_layers, d_model, n_heads, norm_eps=norm_eps, tie_embeddings=tied)
     cfg.validate()

@@ -8,6 +8,7 @@ knows only file names and JSON types."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -22,13 +23,13 @@ from safetensors import SafetensorError
 from torch import Tensor
 
 from alibi_lm.checkpoint import replace_dir
+from alibi_lm.config import convert_value
 from alibi_lm.errors import UserError
 from alibi_lm.files import folder_kind, read_json, read_json_or_none, writable_parent
 from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["Weights", "bool_field", "check_export_dir", "float_field", "import_tokenizer", "int_field",
-           "load_hf_weights", "naming", "optional_float", "optional_int", "read_config", "section",
-           "write_export", "write_json_file", "write_tokenizer"]
+__all__ = ["REQUIRED", "Weights", "check_export_dir", "config_value", "import_tokenizer", "load_hf_weights", "naming",
+           "read_config", "section", "write_export", "write_json_file", "write_tokenizer"]
 
 #: how messages name alibi-lm's own folders (files.folder_kind's kinds), which are never a Hugging Face folder
 OUR_FOLDERS = {"checkpoint": "checkpoint", "run": "run directory", "prepared": "prepared data directory"}
@@ -238,52 +239,31 @@ class Weights:
         return sorted(set(self.state) - self.used)
 
 
-def optional_int(config: dict, *names: str) -> int | None:
-    """The first of `names` in config.json that is set, as a positive integer, or None if none is; a
-    value of another type is an error naming it (not skipped, which would report the field as missing)."""
+#: `config_value`'s default for a field that must be there
+REQUIRED: Any = object()
+
+
+def config_value(section: dict, names: str | tuple[str, ...], kind: type, default: Any = REQUIRED, *,
+                 where: str = "") -> Any:
+    """The first of `names` (a field and its aliases) that is set in a config.json `section`, as `kind`
+    (int, float or bool, through the config layer's `convert_value`), or `default` when none is set
+    (absent or null); with no default, a missing field is an error. A number must be positive and
+    finite: every number alibi-lm reads from a Hugging Face config is a size, a length or a scale.
+    A value of the wrong type is an error naming it, not skipped, which would report it as missing."""
+    names = (names,) if isinstance(names, str) else names
     for name in names:
-        value = config.get(name)
+        value = section.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"config.json: {name} must be a positive integer, got {value!r}")
+        label = f"config.json: {where}{name}"
+        # JSON values are typed: "2048" or "false" is a mistake in the file, not text to parse
+        value = convert_value(value, kind, label, parse_strings=False)
+        if kind is not bool and not 0 < value < math.inf:
+            raise UserError(f"{label} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
         return value
-    return None
-
-
-def int_field(config: dict, *names: str, default: int | None = None) -> int:
-    """`optional_int`, falling back to `default`; with no default, a missing field is an error."""
-    value = optional_int(config, *names)
-    if value is not None:
-        return value
-    if default is not None:
-        return default
-    raise UserError(f"config.json has no {' or '.join(names)}")
-
-
-def optional_float(section: dict, name: str, where: str = "") -> float | None:
-    """`section[name]` as a positive finite number, None when unset (absent or null)."""
-    value = section.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise UserError(f"config.json: {where}{name} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def float_field(section: dict, name: str, default: float, where: str = "") -> float:
-    value = optional_float(section, name, where)
-    return default if value is None else value
-
-
-def bool_field(section: dict, name: str, default: bool, where: str = "") -> bool:
-    """`section[name]` as a JSON boolean, `default` when unset; bool("false") would read as true."""
-    value = section.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise UserError(f"config.json: {where}{name} must be true or false, got {value!r}")
-    return value
+    if default is REQUIRED:
+        raise UserError(f"config.json has no {' or '.join(where + name for name in names)}")
+    return default
 
 
 def section(config: dict, name: str) -> dict:
