@@ -389,16 +389,17 @@ def test_cli_import_says_an_alibi_lm_checkpoint_or_run_needs_no_import(tmp_path,
 
 
 @pytest.mark.parametrize(("arch", "change", "message"), [
-    ("bloom", {"n_head": "four"}, "n_head must be a positive integer, got 'four'"),
+    ("bloom", {"n_head": "four"}, "n_head must be int, got 'four'"),
     ("bloom", {"hidden_size": 0}, "hidden_size must be a positive integer"),
-    ("bloom", {"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon must be a positive number"),
-    ("bloom", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
-    ("bloom", {"seq_length": "2048"}, "seq_length must be a positive integer"),
-    ("mpt", {"n_layers": 2.5}, "n_layers must be a positive integer"),
-    ("mpt", {"max_seq_len": "64"}, "max_seq_len must be a positive integer"),
+    ("bloom", {"layer_norm_epsilon": "1e-5"}, "layer_norm_epsilon must be float, got '1e-5'"),
+    ("bloom", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be bool, got 'false'"),
+    ("bloom", {"seq_length": "2048"}, "seq_length must be int, got '2048'"),
+    ("mpt", {"n_layers": 2.5}, "n_layers must be int, got 2.5"),
+    ("mpt", {"max_seq_len": "64"}, "max_seq_len must be int, got '64'"),
     ("mpt", {"attn_config": ["alibi"]}, "attn_config must be a JSON object"),
-    ("mpt", {"attn_config": {"alibi_bias_max": "8"}}, "attn_config.alibi_bias_max must be a positive number"),
-    ("mpt", {"attn_config": {"clip_qkv": True}}, "attn_config.clip_qkv must be a positive number"),
+    ("mpt", {"attn_config": {"alibi_bias_max": "8"}}, "attn_config.alibi_bias_max must be float, got '8'"),
+    ("mpt", {"attn_config": {"clip_qkv": True}}, "attn_config.clip_qkv must be float, got True"),
+    ("mpt", {"attn_config": {"softmax_scale": -0.5}}, "attn_config.softmax_scale must be a positive number"),
 ])
 def test_import_names_a_config_field_of_the_wrong_type(tmp_path, arch, change, message):
     from safetensors.torch import save_file
@@ -424,7 +425,7 @@ def test_export_and_import_name_the_users_destination_not_a_temporary_one(tmp_pa
     hf = tmp_path / "hf"
     export_bloom(TransformerLM(bloom_model_config(VOCAB, 1, 24, 6)), hf)
     (tmp_path / "file").write_text("x")
-    destinations = [(tmp_path / "file" / "out", "is a file, not a directory")]
+    destinations = [(tmp_path / "file" / "out", "is a file, not a folder")]
     if sys.platform == "linux":  # /proc takes no new folders, even from root
         destinations.append((Path("/proc/alibi-lm-out"), "cannot write in /proc"))
     for out, message in destinations:

@@ -29,7 +29,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["DataConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "load_config", "presets"]
+__all__ = ["DataConfig", "OptimConfig", "RunConfig", "ScheduleConfig", "TrainConfig", "convert_value", "load_config",
+           "presets"]
 
 
 @dataclass
@@ -210,33 +211,38 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _convert(value: Any, annotation: Any, name: str) -> Any:
-    """`value` (from TOML, or a string from --set) as the field's type, or a UserError."""
+def convert_value(value: Any, annotation: Any, name: str, *, parse_strings: bool = True) -> Any:
+    """`value` as the type `annotation` names (bool, int, float, str, or one of them | None), or a
+    UserError "`name` must be <type>, got <value>". A string is parsed as a number, a bool or None
+    (TOML values and `--set` text); with `parse_strings=False`, for JSON, whose values are typed, a
+    string where a number or bool belongs is refused, as "false" for a bool is a mistake there."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        is_none_text = parse_strings and isinstance(value, str) and value.lower() in ("none", "null")
+        if value is None or is_none_text:
             return None
-        return _convert(value, options[0], name)
+        return convert_value(value, options[0], name, parse_strings=parse_strings)
+    text = value if parse_strings and isinstance(value, str) else None
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
+        if text is not None and text.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return text.lower() in ("true", "1", "yes", "on")
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, str):
+        if text is not None:
             try:
-                return int(value.replace("_", ""))
+                return int(text.replace("_", ""))
             except ValueError:
                 pass
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
+        if text is not None:
             try:
-                return float(value)
+                return float(text)
             except ValueError:
                 pass
     elif annotation is str:
@@ -274,7 +280,7 @@ def _set_field(target: Any, section: str, key: str, value: Any) -> None:
         if not hint:  # nothing close: the section is short enough to list
             hint = f"; [{section}] has {', '.join(types_)}"
         raise UserError(f"unknown config key {section}.{key}{hint}")
-    setattr(target, key, _convert(value, types_[key], f"{section}.{key}"))
+    setattr(target, key, convert_value(value, types_[key], f"{section}.{key}"))
 
 
 def presets() -> list[str]:
