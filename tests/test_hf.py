@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, BloomConfig, BloomForCausalLM, MptConfig
 from alibi_lm.cli import main
 from alibi_lm.errors import UserError
 from alibi_lm.generate import generate
-from alibi_lm.hf import bloom_mismatches, bloom_model_config, export_bloom, import_hf
+from alibi_lm.hf import bloom_mismatches, bloom_model_config, export_bloom, import_checkpoint, import_hf
 from alibi_lm.model import ModelConfig, TransformerLM
 from alibi_lm.tokenizer import train_tokenizer
 
@@ -470,3 +470,32 @@ def test_export_overwrite_replaces_only_an_earlier_export(tmp_path, capsys):
     # an earlier export, with a tokenizer or not, is replaced
     assert main(["export", str(ckpt), str(tmp_path / "hf2")]) == 0
     assert main(["export", str(ckpt), str(tmp_path / "hf2"), "--overwrite"]) == 0
+
+
+def test_import_notes_go_to_stderr_and_the_result_line_to_stdout(tmp_path, capsys):
+    from alibi_lm.cli import main
+
+    model = MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=48, n_heads=6, n_layers=1, max_seq_len=32,
+                                     attn_config={"alibi_bias_max": 16}))
+    model.save_pretrained(tmp_path / "mpt")
+    assert main(["import", str(tmp_path / "mpt"), str(tmp_path / "ck")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("wrote ") and captured.out.count("\n") == 1, captured.out
+    assert "note:" in captured.err and "alibi_bias_max" in captured.err
+
+
+def test_export_and_import_follow_the_umask(tmp_path):
+    """safetensors writes 0600 and mkdtemp 0700: exports and imports were unreadable to others (issue 16)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        export_bloom(our_bloom(6), tmp_path / "bloom", train_len=32)
+        import_checkpoint(tmp_path / "bloom", tmp_path / "ck")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "bloom", tmp_path / "ck"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+        assert set(modes.values()) == {0o644}, modes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 NAME = "import"
 HELP = "turn a local Hugging Face BLOOM or MPT folder into an alibi-lm checkpoint"
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     path, info = import_checkpoint(args.hf_dir, args.out_checkpoint)
     for note in info["notes"]:
-        print(f"note: {note}")
+        print(f"note: {note}", file=sys.stderr)  # stdout holds the result line alone
     print(f"wrote {path} ({info['architecture'].upper()}, training length {info['train_len']}); "
           f"try: alibi-lm evaluate {path} --data DATA_DIR (a corpus prepared with its tokenizer)")
     return 0

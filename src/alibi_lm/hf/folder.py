@@ -25,7 +25,7 @@ from torch import Tensor
 from alibi_lm.checkpoint import replace_dir
 from alibi_lm.config import convert_value
 from alibi_lm.errors import UserError
-from alibi_lm.files import folder_kind, read_json, read_json_or_none, writable_parent
+from alibi_lm.files import folder_kind, read_json, read_json_or_none, shareable, writable_parent
 from alibi_lm.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["REQUIRED", "Weights", "check_export_dir", "config_value", "import_tokenizer", "load_hf_weights", "naming",
@@ -96,6 +96,9 @@ def write_export(out_dir: Path, fill: Callable[[Path], None]) -> Path:
         raise naming(error, out_dir) from None
     try:
         fill(tmp)
+        # mkdtemp makes the folder 0700 and safetensors writes 0600: others on a shared machine could
+        # not read the export; it gets what the user's umask gives an ordinary folder and file
+        shareable(tmp)
         replace_dir(tmp, out_dir)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
