@@ -56,6 +56,7 @@ from alibi_lm.kernels.triton_common import (
     key_mask,
     last_dim_contiguous,
     load_tile,
+    online_softmax_step,
 )
 
 __all__ = ["bounded_attention", "dense_tiles", "key_norm_prefix_max"]
@@ -88,14 +89,7 @@ def _visit(acc, l_i, m_i, q, K, V, start_n, offs_n, offs_d, skn, svn, pos_q, pos
     if HAS_SLOPES:
         s = s - slope_l2 * bias_distance(pos_b, pos_k, CAUSAL, False)
     s = key_mask(s, offs_k, Lk, pos_k, pos_q, float("-inf"), CAUSAL)
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # a row may have seen no key yet (a causal row before this tile): keep exp2 away from -inf - -inf
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+    return online_softmax_step(acc, l_i, m_i, s, v)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = ["INTERPRET", "LOG2E", "KernelOptions", "bias_distance", "bias_positions", "block_d", "bucket", "configs",
-           "dot", "key_mask", "last_dim_contiguous", "load_tile", "strides"]
+           "dot", "key_mask", "last_dim_contiguous", "load_tile", "online_softmax_step", "strides"]
 
 # Triton reads TRITON_INTERPRET itself when it decorates a kernel, so this one switch stays at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -154,3 +154,18 @@ def key_mask(x, offs_k, n_keys, pos_k, pos_q, fill, CAUSAL: tl.constexpr):
     if CAUSAL:
         ok = ok & (pos_k[None, :] <= pos_q[:, None])
     return tl.where(ok, x, fill)
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, s, v):
+    """Fold one tile of scores s (rows, keys; log2 domain, -inf where masked) and its values v into the
+    online softmax's (acc, row sum, row max), for rows that may have seen no key yet (a causal row before
+    the tile, a decoding split before the query): exp2 never meets -inf - -inf. The flash forward, whose
+    first tile always holds key 0, keeps a leaner copy of its own inside its pipelined loop."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+    return acc, l_i, m_new

@@ -25,6 +25,7 @@ from alibi_lm.kernels.triton_common import (
     dot,
     key_mask,
     load_tile,
+    online_softmax_step,
     strides,
 )
 
@@ -91,14 +92,8 @@ def _split_kernel(Q, K, V, Slopes, O, Opart, Mpart, Lpart,
         if HAS_SLOPES:
             s = s - slope_l2[:, None] * bias_distance(pos_b, pos_k, CAUSAL, False)
         s = key_mask(s, offs_k, hi, pos_k, pos_q, float("-inf"), CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row may have seen nothing yet in this split (causal, early split): keep exp2 away from -inf - -inf
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
-        m_i = m_new
+        # a row may have seen nothing yet in this split (causal, early split)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v)
     if DIRECT:
         out = acc / l_i[:, None]
         tl.store(O + b * sob + h[:, None] * soh + i[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty),
