@@ -91,6 +91,7 @@ def _assert_same(a, b, keys=("loss", "valid_loss")):
                 assert math.isclose(ra[key], rb[key], rel_tol=2e-5), (ra["step"], key, ra[key], rb[key])
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_with_double_batch_and_resume(tmp_path, data_dir, single):
     out = tmp_path / "ddp"
     ddp = _torchrun(data_dir, out)
@@ -107,6 +108,7 @@ def test_two_gloo_ranks_match_one_process_with_double_batch_and_resume(tmp_path,
     assert [r["loss"] for r in resumed] == [r["loss"] for r in ddp]
 
 
+@pytest.mark.slow
 def test_fsdp2_constructs_and_matches_one_process(tmp_path, data_dir, single):
     out = tmp_path / "fsdp"
     fsdp = _torchrun(data_dir, out, "--set", "run.parallel=fsdp")

@@ -68,6 +68,7 @@ def _cli(config, *extra):
     return [sys.executable, "-m", "alibi_lm", "train", "--config", str(config), "--no-progress", *extra], env
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_gives_bitwise_identical_losses(tmp_path, data_dir):
     steps = 60
     # Unbroken reference run (a subprocess too, so both use the same thread settings).

@@ -90,6 +90,7 @@ def test_eager_calls_match_the_ops_bitwise() -> None:
     assert torch.equal(decoded, torch.ops.alibi_lm.decode_attention(q[:, :, :2], k, v, sl, True, 11, 0.25))
 
 
+@pytest.mark.slow
 def test_compiled_model_matches_eager_without_graph_breaks() -> None:
     """A tiny ALiBi LM on the triton backend: one graph, and the loss and every gradient (trainable
     slopes included) as eager mode computes them."""
