@@ -16,7 +16,13 @@ Why the logits match:
 
 Known limits: BLOOM export needs a model that BLOOM's architecture can express (see
 `bloom_mismatches`); MPT import covers the ALiBi multi-head variant (no QK layer norm, no prefix
-LM, no logit scale, no grouped-query attention). Imported models are float32.
+LM, no logit scale, no grouped-query attention). Imported models are float32. What transformers'
+own MptForCausalLM does differently (it ignores `alibi_bias_max` and MPT's biases) comes back as a
+note in `import_hf`'s info, which `alibi-lm import` prints on stderr.
+
+Modules: `bloom` (config map, state-dict adapter, `export_bloom`, the BLOOM side of import), `mpt`
+(the MPT side of import), `folder` (the files: config.json and its typed fields, the weights, the
+tokenizer files, the export folder written atomically), `importer` (`import_hf`, `import_checkpoint`).
 """
 
 from alibi_lm.hf.bloom import (

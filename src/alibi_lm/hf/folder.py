@@ -270,6 +270,7 @@ def config_value(section: dict, names: str | tuple[str, ...], kind: type, defaul
 
 
 def section(config: dict, name: str) -> dict:
+    """The nested object `config[name]` (MPT's attn_config, ffn_config), {} when unset."""
     value = config.get(name)
     if value is None:
         return {}

@@ -18,8 +18,12 @@ from alibi_lm.model import TransformerLM
 
 __all__ = ["import_checkpoint", "import_hf"]
 
+#: each family's converter: (config.json, its weights) -> (our config, our state dict, training length, notes)
+CONVERTERS = {"bloom": from_bloom, "mpt": from_mpt}
+
 
 def _model_type(config: dict, hf_dir: Path) -> str:
+    """"bloom" or "mpt", from config.json's model_type or, where an old upload lacks it, its architectures."""
     kind = str(config.get("model_type", "")).lower()
     architectures = config.get("architectures") or []
     architectures = [str(a) for a in architectures] if isinstance(architectures, list) else [str(architectures)]
@@ -42,8 +46,7 @@ def import_hf(hf_dir: str | os.PathLike) -> tuple[TransformerLM, Any, dict]:
     config = read_config(hf_dir)
     kind = _model_type(config, hf_dir)
     weights = Weights(load_hf_weights(hf_dir), hf_dir, "transformer.")
-    convert = from_bloom if kind == "bloom" else from_mpt
-    cfg, state, train_len, notes = convert(config, weights)
+    cfg, state, train_len, notes = CONVERTERS[kind](config, weights)
     leftover = weights.unused()
     if leftover:
         raise UserError(f"{hf_dir} has {len(leftover)} tensors that a {kind.upper()} model of this config does not "
