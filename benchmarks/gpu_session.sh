@@ -30,7 +30,7 @@ case "$1" in
 kernel)
     # one pinned config per kernel: dozens of (dtype, head dim, flag) variants compile here
     ALIBI_TRITON_AUTOTUNE=0 ALIBI_KERNEL_REPORT="$OUT/kernel_errors.jsonl" timeout 200 \
-        python -m pytest -p no:cacheprovider -q -m gpu tests/kernels tests/test_hf.py --durations=5 \
+        python -m pytest -p no:cacheprovider -q -m gpu tests/kernels tests/hf --durations=5 \
         > "$OUT/gpu_tests.txt" 2>&1
     grep -E "^[.FEsx]+ +\[" "$OUT/gpu_tests.txt"; grep -E "FAILED|Error" "$OUT/gpu_tests.txt" | head -5
     ALIBI_TRITON_AUTOTUNE=0 ALIBI_TRITON_TMA=0 ALIBI_KERNEL_REPORT="$OUT/kernel_errors_pointer.jsonl" timeout 90 \
