@@ -37,7 +37,6 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 
@@ -60,25 +59,9 @@ from alibi_lm.kernels import triton_attention as ta  # noqa: E402
 from alibi_lm.kernels import triton_flash as tf  # noqa: E402
 from alibi_lm.kernels.triton_common import KernelOptions  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
+from kernel_profile import host_us  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
-
-
-def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def host_us(fn: Callable[[], object], calls: int, warmup: int) -> float:
-    """Mean host microseconds per call of fn over `calls` calls, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return round((time.perf_counter() - start) / calls * 1e6, 1)
 
 
 def main() -> None:
@@ -152,6 +135,7 @@ def main() -> None:
     finally:
         sys.setswitchinterval(interval)
 
+    rows = {name: round(us, 1) for name, us in rows.items()}
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": "cpu (interpreter)" if ARGS.cpu_smoke else torch.cuda.get_device_name(),
             "torch": torch.__version__, "triton": triton.__version__,

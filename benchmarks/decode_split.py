@@ -34,7 +34,6 @@ import json
 import os
 import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,26 +63,11 @@ import triton  # noqa: E402
 
 from alibi_lm.kernels.triton_decode import triton_decode  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
+from kernel_profile import host_us  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
 #: the two ways triton_decode can cut the keys, forced (its "auto" chooses between them by host cost)
 PLANS = ("split", "one")
-
-
-def sync() -> None:
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-
-
-def host_us(fn: Callable[[], object], calls: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def graph_us(fn: Callable[[], object]) -> float:

@@ -1,7 +1,8 @@
 """Where the time of a repeated GPU workload goes: torch.profiler's kernel times, per call, grouped.
 
 Shared by benchmarks/train.py (--profile), benchmarks/attention_quick.py (--profile) and
-benchmarks/backward_study.py, with `median_ms`, the timer of the kernel scripts. The groups
+benchmarks/backward_study.py, with `median_ms`, the timer of the kernel scripts, and `host_us`, the
+host-time loop of the launch and decoding scripts. The groups
 answer the questions the throughput targets raise: how much of a training step is attention (ours or
 SDPA's), matmuls, fused elementwise kernels, the optimizer; and how much of the wall time the GPU
 sits idle (launch-bound work shows as a low busy fraction). On a machine without CUDA the CPU self
@@ -31,6 +32,21 @@ GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("fused (inductor)", ("triton_",)),
     ("copies", ("memcpy", "memset", "copy_", "aten::to", "aten::_to_copy")),
 ]
+
+
+def host_us(fn: Callable[[], object], calls: int, warmup: int) -> float:
+    """Mean wall microseconds per call of fn over `calls` calls, after `warmup` untimed ones, the device
+    synchronised before and after: the host path of a call (launches, Python, the dispatcher), which
+    device-event timers do not see. The timer of launch_overhead, autograd_overhead and decode_split."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def median_ms(fn: Callable[[], object], *, smoke: bool, grad_to_none: list | None = None) -> float:

@@ -43,7 +43,6 @@ import io
 import json
 import os
 import pstats
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +67,7 @@ import triton  # noqa: E402
 from alibi_lm.kernels import triton_attention as ta  # noqa: E402
 from alibi_lm.kernels import triton_flash as tf  # noqa: E402
 from alibi_lm.positions import alibi_slopes  # noqa: E402
+from kernel_profile import host_us  # noqa: E402
 
 DEV = "cpu" if ARGS.cpu_smoke else "cuda"
 
@@ -75,17 +75,6 @@ DEV = "cpu" if ARGS.cpu_smoke else "cuda"
 def sync() -> None:
     if DEV == "cuda":
         torch.cuda.synchronize()
-
-
-def host_us(fn: Callable[[], object], calls: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def python_profile(fn: Callable[[], object], calls: int, top: int = 15) -> tuple[list[dict], str]:
